@@ -1,0 +1,26 @@
+"""A real wandb run in offline mode: metrics, a sample grid and the resolved config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from conftest import CONFIGS
+from vdu_lightning.cli import main
+
+
+def test_offline_wandb_run_holds_sample_grid_and_config(tmp_path: Path) -> None:
+    main(["fit", "--config", str(CONFIGS / "tests" / "tiny_pretrain.yaml"),
+          "--config", str(CONFIGS / "logger" / "wandb.yaml"),
+          f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}"])
+    runs = list((tmp_path / "logs" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, runs
+    run = runs[0]
+    assert list(run.glob("run-*.wandb")), "no W&B event file"
+    grids = sorted((run / "files" / "media" / "images").glob("samples_*.png"))
+    assert len(grids) == 2, grids  # at step 3 and at the end of fit
+    assert "class_path: vdu_lightning.DiffusionModule" in (run / "files" / "config.yaml").read_text()
+    # A second run must not be refused because a config exists (W&B has no versioned log dir).
+    main(["fit", "--config", str(CONFIGS / "tests" / "tiny_pretrain.yaml"),
+          "--config", str(CONFIGS / "logger" / "wandb.yaml"),
+          f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}"])
+    assert len(list((tmp_path / "logs" / "wandb").glob("offline-run-*"))) == 2

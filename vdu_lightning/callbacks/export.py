@@ -1,0 +1,32 @@
+"""``ExportPretrained``: write the trained model as a standalone directory at the end of fit."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+
+
+class ExportPretrained(pl.Callback):
+    """Call the module's ``save_pretrained(dirpath)`` on global rank 0 when fit ends.
+
+    ``DiffusionModule`` writes a diffusers directory, ``ClassifierModule`` a safetensors one;
+    both are written atomically, so an interrupted export leaves any earlier export intact.
+
+    Example (YAML)::
+
+        trainer:
+          callbacks:
+            - class_path: vdu_lightning.callbacks.ExportPretrained
+              init_args: {dirpath: runs/mnist5k/ddpm}
+    """
+
+    def __init__(self, dirpath: str) -> None:
+        self.dirpath = dirpath
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not callable(getattr(pl_module, "save_pretrained", None)):
+            raise TypeError(f"ExportPretrained needs a module with save_pretrained(); "
+                            f"{type(pl_module).__name__} has none")
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            pl_module.save_pretrained(self.dirpath)

@@ -1,0 +1,69 @@
+"""The ``vdu`` command: Lightning's CLI over every module and datamodule of the project.
+
+    vdu fit --config configs/mnist5k/pretrain.yaml
+    vdu fit --config configs/mnist5k/pretrain.yaml --trainer.max_steps=200
+    vdu fit --config configs/mnist5k/pretrain.yaml --config configs/logger/wandb.yaml
+    vdu fit --model vdu_lightning.DiffusionModule --print_config
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import WandbLogger
+
+# Importing the package registers its modules and datamodules, so configs may name them
+# by short class name too.
+import vdu_lightning  # noqa: F401
+from vdu_lightning.data.datamodules import VDUDataModule
+
+
+class RunConfigSaver(SaveConfigCallback):
+    """Saves the resolved config beside the run's logs, also when the logger is W&B.
+
+    ``WandbLogger`` has no versioned log directory, so Lightning's default would write every
+    run's ``config.yaml`` into the same folder and refuse the second run. With W&B the config
+    goes into the run's own files directory instead, and is uploaded with the run.
+    """
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not isinstance(trainer.logger, WandbLogger):
+            super().setup(trainer, pl_module, stage)
+            return
+        if self.already_saved:
+            return
+        if trainer.is_global_zero:
+            # Rank 0 only: the run exists on rank 0 alone; no collective is reached here.
+            run_dir = trainer.logger.experiment.dir
+            self.parser.save(self.config, os.path.join(run_dir, self.config_filename),
+                             skip_none=False, overwrite=True, multifile=self.multifile)
+        self.already_saved = True
+
+
+class VDUCLI(LightningCLI):
+    """``LightningCLI`` accepting any LightningModule and ``VDUDataModule`` by class path."""
+
+    def __init__(self, args: list[str] | None = None, run: bool = True, **kwargs: Any) -> None:
+        kwargs.setdefault("save_config_callback", RunConfigSaver)
+        kwargs.setdefault("parser_kwargs", {"default_env": True})
+        super().__init__(
+            model_class=pl.LightningModule,
+            datamodule_class=VDUDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            args=args,
+            run=run,
+            **kwargs,
+        )
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of ``vdu`` and ``python -m vdu_lightning``."""
+    VDUCLI(args=args)
+
+
+if __name__ == "__main__":
+    main()

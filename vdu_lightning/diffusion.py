@@ -1,0 +1,130 @@
+"""Pure torch/diffusers pieces: building and loading UNets, noise prediction, DDIM sampling.
+
+No Lightning here: the LightningModules compose these functions.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+
+#: Sub-folders of a diffusers pipeline directory (the layout of e.g. ``google/ddpm-cifar10-32``).
+UNET_SUBFOLDER = "unet"
+SCHEDULER_SUBFOLDER = "scheduler"
+
+
+def build_unet(config: dict[str, Any]) -> UNet2DModel:
+    """Build a randomly initialised ``UNet2DModel`` from its keyword arguments (as in YAML)."""
+    try:
+        return UNet2DModel(**config)
+    except TypeError as err:
+        raise ValueError(f"invalid UNet2DModel configuration {config}: {err}") from err
+
+
+def build_scheduler(
+    num_train_timesteps: int = 1000,
+    beta_schedule: str = "linear",
+    beta_start: float = 1e-4,
+    beta_end: float = 0.02,
+) -> DDPMScheduler:
+    """The DDPM noise schedule used for training (epsilon prediction, samples clipped to [-1, 1])."""
+    return DDPMScheduler(
+        num_train_timesteps=num_train_timesteps,
+        beta_schedule=beta_schedule,
+        beta_start=beta_start,
+        beta_end=beta_end,
+        prediction_type="epsilon",
+        clip_sample=True,
+    )
+
+
+def load_pretrained(path: str | os.PathLike) -> tuple[UNet2DModel, DDPMScheduler]:
+    """Load a UNet and its DDPM scheduler from a local diffusers directory, never downloading.
+
+    Accepts a pipeline directory (``unet/`` and ``scheduler/`` sub-folders, as written by
+    ``DDPMPipeline.save_pretrained``) or a bare UNet directory (``config.json`` beside the
+    weights; the default DDPM schedule is then assumed).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"pretrained model directory not found: {path} (expected a diffusers directory with "
+            f"'{UNET_SUBFOLDER}/' and '{SCHEDULER_SUBFOLDER}/', or a bare UNet directory)"
+        )
+    if (path / UNET_SUBFOLDER / "config.json").is_file():
+        unet = UNet2DModel.from_pretrained(path, subfolder=UNET_SUBFOLDER, local_files_only=True,
+                                           low_cpu_mem_usage=False)
+    elif (path / "config.json").is_file():
+        unet = UNet2DModel.from_pretrained(path, local_files_only=True, low_cpu_mem_usage=False)
+    else:
+        raise FileNotFoundError(
+            f"{path} holds no UNet: expected {path / UNET_SUBFOLDER / 'config.json'} "
+            f"or {path / 'config.json'}"
+        )
+    if (path / SCHEDULER_SUBFOLDER / "scheduler_config.json").is_file():
+        scheduler = DDPMScheduler.from_pretrained(
+            path, subfolder=SCHEDULER_SUBFOLDER, local_files_only=True
+        )
+    else:
+        scheduler = build_scheduler()
+    return unet, scheduler
+
+
+def predict_noise(
+    unet: UNet2DModel,
+    x_t: torch.Tensor,
+    timesteps: torch.Tensor,
+    class_labels: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """ε_θ(x_t, t[, c]): the noise the UNet predicts."""
+    return unet(x_t, timesteps, class_labels=class_labels).sample
+
+
+def seeded_noise(
+    num: int, shape: tuple[int, ...], seed: int, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """Gaussian noise drawn on the CPU from ``seed``, so a seed gives the same images on any device."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn((num, *shape), generator=generator).to(device)
+
+
+@torch.no_grad()
+def ddim_sample(
+    unet: UNet2DModel,
+    scheduler_config: dict[str, Any],
+    noise: torch.Tensor,
+    num_steps: int = 50,
+    class_labels: torch.Tensor | None = None,
+    null_label: int | None = None,
+    guidance_scale: float = 1.0,
+) -> torch.Tensor:
+    """Deterministic DDIM (η = 0) from ``noise`` to images in [-1, 1].
+
+    For a label-conditional UNet, ``guidance_scale`` ≠ 1 applies classifier-free guidance:
+    ε = ε(x, ∅) + w·(ε(x, c) − ε(x, ∅)), with ``null_label`` the "no label" embedding.
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be at least 1, got {num_steps}")
+    guided = class_labels is not None and guidance_scale != 1.0
+    if guided and null_label is None:
+        raise ValueError("classifier-free guidance needs the model's null_label")
+    # A fresh scheduler per call: set_timesteps mutates scheduler state.
+    scheduler = DDIMScheduler.from_config(scheduler_config)
+    scheduler.set_timesteps(num_steps, device=noise.device)
+    x = noise
+    for t in scheduler.timesteps:
+        timesteps = t.expand(x.shape[0])
+        if guided:
+            null = torch.full_like(class_labels, null_label)
+            eps_c, eps_u = predict_noise(
+                unet, x.repeat(2, 1, 1, 1), timesteps.repeat(2), torch.cat([class_labels, null])
+            ).chunk(2)
+            eps = eps_u + guidance_scale * (eps_c - eps_u)
+        else:
+            eps = predict_noise(unet, x, timesteps, class_labels)
+        x = scheduler.step(eps, t, x, eta=0.0).prev_sample
+    return x.clamp(-1.0, 1.0)
