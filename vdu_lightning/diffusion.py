@@ -31,7 +31,7 @@ def build_scheduler(
     beta_start: float = 1e-4,
     beta_end: float = 0.02,
 ) -> DDPMScheduler:
-    """The DDPM noise schedule used for training (epsilon prediction, samples clipped to [-1, 1])."""
+    """The DDPM noise schedule for training (epsilon prediction, samples clipped to [-1, 1])."""
     return DDPMScheduler(
         num_train_timesteps=num_train_timesteps,
         beta_schedule=beta_schedule,
@@ -87,7 +87,7 @@ def predict_noise(
 def seeded_noise(
     num: int, shape: tuple[int, ...], seed: int, device: torch.device | str = "cpu"
 ) -> torch.Tensor:
-    """Gaussian noise drawn on the CPU from ``seed``, so a seed gives the same images on any device."""
+    """Gaussian noise drawn on the CPU from ``seed``: a seed gives the same images on any device."""
     generator = torch.Generator().manual_seed(seed)
     return torch.randn((num, *shape), generator=generator).to(device)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import wandb
 from conftest import CONFIGS
 from vdu_lightning.cli import main
 
@@ -12,15 +13,19 @@ def test_offline_wandb_run_holds_sample_grid_and_config(tmp_path: Path) -> None:
     main(["fit", "--config", str(CONFIGS / "tests" / "tiny_pretrain.yaml"),
           "--config", str(CONFIGS / "logger" / "wandb.yaml"),
           f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}"])
+    # One process, two runs: a finished run is not reused (a CLI process ends its own).
+    wandb.finish()
     runs = list((tmp_path / "logs" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, runs
     run = runs[0]
     assert list(run.glob("run-*.wandb")), "no W&B event file"
     grids = sorted((run / "files" / "media" / "images").glob("samples_*.png"))
     assert len(grids) == 2, grids  # at step 3 and at the end of fit
-    assert "class_path: vdu_lightning.DiffusionModule" in (run / "files" / "config.yaml").read_text()
+    config = (run / "files" / "config.yaml").read_text()
+    assert "class_path: vdu_lightning.DiffusionModule" in config
     # A second run must not be refused because a config exists (W&B has no versioned log dir).
     main(["fit", "--config", str(CONFIGS / "tests" / "tiny_pretrain.yaml"),
           "--config", str(CONFIGS / "logger" / "wandb.yaml"),
           f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}"])
+    wandb.finish()
     assert len(list((tmp_path / "logs" / "wandb").glob("offline-run-*"))) == 2

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor
 
 from vdu_lightning.data.datasets import LabeledImages, check_image_size, resize_and_scale
 

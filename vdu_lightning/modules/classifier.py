@@ -7,6 +7,7 @@ where Inception weights are not available.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from pathlib import Path
@@ -141,8 +142,11 @@ class ClassifierModule(pl.LightningModule):
     # ---- export -------------------------------------------------------------------------
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Write ``config.json`` and ``model.safetensors`` into a directory, atomically."""
+        # Only the constructor's arguments: LightningCLI adds private keys to hparams.
+        arguments = inspect.signature(type(self).__init__).parameters
+        config = {k: v for k, v in self.hparams.items() if k in arguments}
         with atomic_directory(path) as tmp:
-            (tmp / CONFIG_NAME).write_text(json.dumps(dict(self.hparams), indent=2))
+            (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2))
             state = {k: v.contiguous() for k, v in self.state_dict().items()}
             save_file(state, str(tmp / WEIGHTS_NAME))
 

@@ -1,0 +1,136 @@
+"""ImageDataModule and ForgetSetDataModule: contents, caps, errors, and sharding."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.utilities import CombinedLoader
+from PIL import Image
+from torch.utils.data import DistributedSampler
+
+from vdu_lightning import ForgetSetDataModule, ImageDataModule
+
+
+def test_image_datamodule_batches() -> None:
+    dm = ImageDataModule(dataset="mnist5k", image_size=16, batch_size=64)
+    assert (dm.channels, dm.resolved_image_size, dm.num_classes) == (1, 16, 10)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].shape == (64, 1, 16, 16) and batch["label"].shape == (64,)
+    assert len(dm.train_set) == 4500 and len(dm.val_set) == 500
+    dm.setup("test")
+    assert len(dm.test_set) == 500
+
+
+def test_forget_set_holds_only_forget_classes_capped_and_reproducible() -> None:
+    dm = ForgetSetDataModule(dataset="mnist5k", forget_classes=[0, 7], forget_size=100,
+                             eval_size=30, batch_size=16)
+    dm.setup("fit")
+    assert len(dm.forget_set) == 100
+    assert set(dm.forget_set.labels.tolist()) <= {0, 7}
+    assert dm.retain_set is None
+    assert dm.retain_classes == [1, 2, 3, 4, 5, 6, 8, 9]
+    forget_eval, retain_eval = dm.val_dataloader()
+    assert set(forget_eval.dataset.labels.tolist()) == {0, 7}
+    assert set(retain_eval.dataset.labels.tolist()) == set(dm.retain_classes)
+    assert len(forget_eval.dataset) == len(retain_eval.dataset) == 30
+    again = ForgetSetDataModule(dataset="mnist5k", forget_classes=[7, 0], forget_size=100)
+    again.setup("fit")
+    assert torch.equal(again.forget_set.images, dm.forget_set.images)
+    other = ForgetSetDataModule(dataset="mnist5k", forget_classes=[0, 7], forget_size=100,
+                                subset_seed=1)
+    other.setup("fit")
+    assert not torch.equal(other.forget_set.images, dm.forget_set.images)
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].shape == (16, 1, 16, 16)
+
+
+def test_forget_size_larger_than_the_class_takes_the_whole_class() -> None:
+    dm = ForgetSetDataModule(dataset="mnist5k", forget_classes=[3], forget_size=10_000)
+    dm.setup("fit")
+    assert len(dm.forget_set) == 450  # 500 per class, 10% held out for evaluation
+
+
+def test_evaluation_items_are_held_out_from_the_forget_set() -> None:
+    dm = ForgetSetDataModule(dataset="digits", forget_classes=[5], forget_size=1000)
+    dm.setup("fit")
+    train_rows = {tuple(x.flatten().tolist()) for x in dm.forget_set.images}
+    held_out = [tuple(x.flatten().tolist()) for x in dm.forget_eval_set.images]
+    assert sum(row in train_rows for row in held_out) == 0
+
+
+def test_retain_set_gives_combined_batches() -> None:
+    dm = ForgetSetDataModule(dataset="digits", forget_classes=[1], forget_size=20,
+                             retain_classes=[2, 3], retain_size=50, batch_size=8)
+    dm.setup("fit")
+    assert len(dm.retain_set) == 50 and set(dm.retain_set.labels.tolist()) <= {2, 3}
+    loader = dm.train_dataloader()
+    assert isinstance(loader, CombinedLoader)
+    batch, _, _ = next(iter(loader))
+    assert set(batch) == {"forget", "retain"}
+    assert set(batch["forget"]["label"].tolist()) == {1}
+    assert set(batch["retain"]["label"].tolist()) <= {2, 3}
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"forget_classes": [10]}, r"classes \[10\] are not in dataset 'mnist5k'"),
+        ({"forget_classes": [1], "retain_classes": [1, 2]}, r"overlap on \[1\]"),
+        ({"forget_classes": []}, "forget_classes is empty"),
+        ({}, "exactly one of forget_classes"),
+        ({"forget_classes": [1], "forget_folder": "x"}, "exactly one of forget_classes"),
+        ({"forget_classes": [1], "forget_size": 0}, "forget_size must be an int >= 1"),
+        ({"forget_classes": [1], "retain_size": -1}, "retain_size must be an int >= 0"),
+        ({"forget_classes": [1], "dataset": "cifar10"}, "set `root`"),
+        ({"forget_classes": [1], "batch_size": 0}, "batch_size must be a positive int"),
+        ({"forget_classes": [1], "image_size": -4}, "image_size must be a positive int"),
+    ],
+)
+def test_bad_arguments_are_refused_before_any_data_are_read(kwargs, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        ForgetSetDataModule(**kwargs)
+
+
+def test_empty_forget_set_is_refused_at_setup(tmp_path: Path) -> None:
+    import json
+
+    for i in range(6):
+        Image.fromarray(np.full((4, 4, 3), i, dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    rows = [{"file_name": f"{i}.png", "label": i % 2} for i in range(6)]
+    (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    dm = ForgetSetDataModule(dataset="folder", root=str(tmp_path), forget_classes=[5],
+                             val_fraction=0.3)
+    with pytest.raises(ValueError, match="the forget set is empty"):
+        dm.setup("fit")
+
+
+def test_forget_folder_is_the_forget_set(tmp_path: Path) -> None:
+    for i in range(5):
+        Image.fromarray(np.full((6, 6, 3), 40 * i, dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        (tmp_path / f"{i}.txt").write_text(f"style {i}")
+    dm = ForgetSetDataModule(dataset="digits", forget_folder=str(tmp_path), forget_size=3,
+                             image_size=8, batch_size=2)
+    dm.setup("fit")
+    assert len(dm.forget_set) == 3
+    batch = next(iter(dm.train_dataloader()))
+    # Converted to the data set's channels (digits are grey), so batches fit the model.
+    assert batch["image"].shape == (2, 1, 8, 8) and len(batch["caption"]) == 2
+    assert dm.forget_eval_set is dm.forget_set
+
+
+@pytest.mark.parametrize("size", [100, 101])
+def test_distributed_sampler_shards_the_forget_set(size: int) -> None:
+    dm = ForgetSetDataModule(dataset="mnist5k", forget_classes=[4], forget_size=size)
+    dm.setup("fit")
+    shards = [
+        list(DistributedSampler(dm.forget_set, num_replicas=2, rank=rank, shuffle=True, seed=3))
+        for rank in range(2)
+    ]
+    assert len(shards[0]) == len(shards[1]) == (size + 1) // 2
+    assert set(shards[0]) | set(shards[1]) == set(range(size))  # nothing dropped
+    if size % 2 == 0:
+        assert not set(shards[0]) & set(shards[1])  # nothing seen twice

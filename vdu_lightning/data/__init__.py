@@ -1,0 +1,18 @@
+"""Data sets (embedded, on disk, image folders) and the datamodules built on them."""
+
+from vdu_lightning.data.datamodules import ForgetSetDataModule, ImageDataModule, VDUDataModule
+from vdu_lightning.data.datasets import LabeledImages, stratified_split
+from vdu_lightning.data.folder import CaptionedImageFolder
+from vdu_lightning.data.registry import DATASETS, dataset_info, load_dataset
+
+__all__ = [
+    "DATASETS",
+    "CaptionedImageFolder",
+    "ForgetSetDataModule",
+    "ImageDataModule",
+    "LabeledImages",
+    "VDUDataModule",
+    "dataset_info",
+    "load_dataset",
+    "stratified_split",
+]

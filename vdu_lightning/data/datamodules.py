@@ -1,0 +1,260 @@
+"""LightningDataModules: full data for pre-training, the forget set for unlearning.
+
+Both leave sharding to Lightning: under DDP it wraps every loader's sampler in a
+``DistributedSampler``, so each rank sees its own slice of the forget set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import CombinedLoader
+from torch.utils.data import DataLoader, Dataset
+
+from vdu_lightning.data.datasets import check_image_size
+from vdu_lightning.data.folder import CaptionedImageFolder
+from vdu_lightning.data.registry import dataset_info, load_dataset
+
+
+class VDUDataModule(pl.LightningDataModule):
+    """Base of the project's datamodules: which data set, at which size, in which batches.
+
+    Args:
+        dataset: ``mnist5k``, ``digits``, ``mnist``, ``fashion_mnist``, ``cifar10`` or
+            ``folder``.
+        root: the folder with the files (all but the embedded sets).
+        image_size: side of the images; None gives the data set's default.
+        batch_size: items per batch on each process.
+        num_workers: DataLoader worker processes.
+        val_fraction: fraction of each class held out for validation.
+        split_seed: seed of the train/validation split.
+    """
+
+    def __init__(
+        self,
+        dataset: str = "mnist5k",
+        root: str | None = None,
+        image_size: int | None = None,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        val_fraction: float = 0.1,
+        split_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.info = dataset_info(dataset)
+        if self.info.needs_root and root is None:
+            raise ValueError(f"dataset {dataset!r} is read from disk: set `root` to its folder")
+        if image_size is not None:
+            check_image_size(image_size)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
+        self.save_hyperparameters()
+
+    @property
+    def channels(self) -> int:
+        """Channels of every image (1 grey, 3 RGB)."""
+        return self.info.channels
+
+    @property
+    def resolved_image_size(self) -> int | None:
+        """The image side the batches will have (None for a folder with no size given)."""
+        return self.hparams.image_size or self.info.image_size or None
+
+    @property
+    def num_classes(self) -> int:
+        """Number of labelled classes (0 when the labels are only known after reading)."""
+        return len(self.info.classes)
+
+    def load(self, split: str, dataset: str | None = None) -> Dataset:
+        """A part of the configured data set (``train``, ``val`` or ``test``)."""
+        hp = self.hparams
+        return load_dataset(
+            dataset or hp.dataset, hp.root, hp.image_size, split, hp.val_fraction, hp.split_seed
+        )
+
+    def loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.hparams.batch_size,
+            shuffle=shuffle,
+            num_workers=self.hparams.num_workers,
+            persistent_workers=self.hparams.num_workers > 0,
+        )
+
+
+class ImageDataModule(VDUDataModule):
+    """The whole data set: pre-training a DDPM and training the evaluation classifier.
+
+    Example:
+        >>> dm = ImageDataModule(dataset="digits", batch_size=32)
+        >>> dm.setup("fit")
+        >>> next(iter(dm.train_dataloader()))["image"].shape
+        torch.Size([32, 1, 8, 8])
+    """
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and not hasattr(self, "train_set"):
+            self.train_set = self.load("train")
+        if stage in ("fit", "validate") and not hasattr(self, "val_set"):
+            self.val_set = self.load("val")
+        if stage == "test" and not hasattr(self, "test_set"):
+            self.test_set = self.load("test")
+
+    def train_dataloader(self) -> DataLoader:
+        return self.loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.loader(self.test_set, shuffle=False)
+
+
+def _random_cap(dataset: Any, mask: torch.Tensor, cap: int, generator: torch.Generator):
+    """At most ``cap`` items of ``dataset`` where ``mask`` holds, drawn with ``generator``."""
+    members = torch.nonzero(mask).flatten()
+    chosen = members[torch.randperm(len(members), generator=generator)[:cap]]
+    return dataset.subset(torch.sort(chosen).values)
+
+
+class ForgetSetDataModule(VDUDataModule):
+    """The forget set D_f (and optionally a retain set D_r) of one unlearning job.
+
+    D_f is the training items of ``forget_classes`` (or every image of ``forget_folder``),
+    capped at ``forget_size`` items drawn with ``subset_seed``: unlearning sees only this
+    small set. D_r, used only by the baselines that need one, is capped at ``retain_size``
+    (0: none). Validation and test use held-out items: ``[forget_eval, retain_eval]``,
+    each capped at ``eval_size``.
+
+    Training batches are the forget batch alone, or ``{"forget": ..., "retain": ...}`` when
+    a retain set is asked for (the shorter set cycles).
+
+    Args:
+        forget_classes: labels to forget (e.g. ``[0]``).
+        forget_folder: instead of classes, a folder of images (see ``CaptionedImageFolder``).
+        forget_size: the most forget items used (the data-constrained setting).
+        retain_classes: labels of D_r and of the retain evaluation; None: every other class.
+        retain_size: the most retain items used for training; 0 trains on D_f alone.
+        eval_size: the most items of each evaluation part.
+        subset_seed: seed drawing the capped subsets.
+        **kwargs: the ``VDUDataModule`` arguments (dataset, root, image_size, batch_size, ...).
+
+    Raises:
+        ValueError: before any data are read, on a class not in the data set, forget and
+            retain classes overlapping, neither or both of ``forget_classes`` and
+            ``forget_folder``, or a bad size; on ``setup``, on an empty forget set.
+
+    Example:
+        >>> dm = ForgetSetDataModule(dataset="digits", forget_classes=[3], forget_size=50)
+        >>> dm.setup("fit")
+        >>> len(dm.forget_set), set(dm.forget_set.labels.tolist())
+        (50, {3})
+    """
+
+    def __init__(
+        self,
+        forget_classes: Sequence[int] | None = None,
+        forget_folder: str | None = None,
+        forget_size: int = 500,
+        retain_classes: Sequence[int] | None = None,
+        retain_size: int = 0,
+        eval_size: int = 500,
+        subset_seed: int = 0,
+        dataset: str = "mnist5k",
+        root: str | None = None,
+        image_size: int | None = None,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        val_fraction: float = 0.1,
+        split_seed: int = 0,
+    ) -> None:
+        super().__init__(dataset, root, image_size, batch_size, num_workers, val_fraction,
+                         split_seed)
+        if (forget_classes is None) == (forget_folder is None):
+            raise ValueError("give exactly one of forget_classes (labels) and forget_folder")
+        for name, value, least in (
+            ("forget_size", forget_size, 1), ("retain_size", retain_size, 0),
+            ("eval_size", eval_size, 1),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+        known = self.info.classes
+        forget = sorted(set(forget_classes or ()))
+        if forget_classes is not None and not forget:
+            raise ValueError("forget_classes is empty: name at least one class to forget")
+        if retain_classes is None:
+            retain = [c for c in known if c not in forget]
+        else:
+            retain = sorted(set(retain_classes))
+        unknown = [c for c in forget + retain if known and c not in known]
+        if unknown:
+            raise ValueError(
+                f"classes {unknown} are not in dataset {dataset!r}, whose classes are "
+                f"{list(known)}"
+            )
+        overlap = sorted(set(forget) & set(retain))
+        if overlap:
+            raise ValueError(f"forget and retain classes overlap on {overlap}: they must differ")
+        self.forget_classes, self.retain_classes = forget, retain
+
+    def _forget_pool(self) -> Any:
+        if self.hparams.forget_folder is not None:
+            return CaptionedImageFolder(
+                self.hparams.forget_folder, self.resolved_image_size, self.channels
+            )
+        return None
+
+    def setup(self, stage: str) -> None:
+        if hasattr(self, "forget_set"):
+            return
+        hp = self.hparams
+        generator = torch.Generator().manual_seed(hp.subset_seed)
+        folder = self._forget_pool()
+        train = self.load("train")
+        if folder is not None:
+            self.forget_set = _random_cap(
+                folder, torch.ones(len(folder), dtype=torch.bool), hp.forget_size, generator
+            )
+        else:
+            forget_mask = torch.isin(train.labels, torch.tensor(self.forget_classes))
+            self.forget_set = _random_cap(train, forget_mask, hp.forget_size, generator)
+        if len(self.forget_set) == 0:
+            raise ValueError(
+                f"the forget set is empty: no training item of dataset {hp.dataset!r} has a "
+                f"label in forget_classes={self.forget_classes}"
+            )
+        retain_of = torch.tensor(self.retain_classes, dtype=torch.int64)
+        self.retain_set = (
+            _random_cap(train, torch.isin(train.labels, retain_of), hp.retain_size, generator)
+            if hp.retain_size > 0 else None
+        )
+        held_out = self.load("val")
+        # A folder forget set has no held-out part: its evaluation is the forget set itself.
+        self.forget_eval_set = (
+            self.forget_set if folder is not None else _random_cap(
+                held_out, torch.isin(held_out.labels, torch.tensor(self.forget_classes)),
+                hp.eval_size, generator,
+            )
+        )
+        self.retain_eval_set = _random_cap(
+            held_out, torch.isin(held_out.labels, retain_of), hp.eval_size, generator
+        )
+
+    def train_dataloader(self) -> DataLoader | CombinedLoader:
+        forget = self.loader(self.forget_set, shuffle=True)
+        if self.retain_set is None:
+            return forget
+        retain = self.loader(self.retain_set, shuffle=True)
+        return CombinedLoader({"forget": forget, "retain": retain}, mode="max_size_cycle")
+
+    def val_dataloader(self) -> list[DataLoader]:
+        parts = [self.forget_eval_set, self.retain_eval_set]
+        return [self.loader(part, shuffle=False) for part in parts if len(part)]
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return self.val_dataloader()

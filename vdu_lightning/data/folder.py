@@ -1,0 +1,160 @@
+"""A folder of images with optional captions and labels (the text-to-image forget sets).
+
+Captions come from a ``metadata.jsonl`` at the folder's top (one JSON object per line with
+``file_name`` and ``text`` or ``caption``, optionally ``label``: the layout of diffusers'
+training scripts and of the Hugging Face ``imagefolder`` loader), or else from a ``.txt`` file
+beside each image with the same stem. Images are decoded lazily: a folder of 512×512 photos
+would not fit in memory as floats.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from vdu_lightning.data.datasets import check_image_size, resize_and_scale
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+METADATA_FILE = "metadata.jsonl"
+
+
+def _read_metadata(folder: Path) -> dict[str, dict]:
+    """``file_name`` (relative to the folder, '/'-separated) → its metadata row."""
+    rows: dict[str, dict] = {}
+    path = folder / METADATA_FILE
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}, line {number}: not valid JSON ({err.msg})") from err
+        if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
+            raise ValueError(f"{path}, line {number}: each line needs a string 'file_name'")
+        rows[row["file_name"]] = row
+    return rows
+
+
+def _caption_of(row: dict | None, image: Path) -> str:
+    if row is not None:
+        caption = row.get("text", row.get("caption", ""))
+        return str(caption)
+    beside = image.with_suffix(".txt")
+    return beside.read_text(encoding="utf-8").strip() if beside.is_file() else ""
+
+
+class CaptionedImageFolder(Dataset):
+    """Images under ``root`` (searched recursively), each with a caption and a label.
+
+    Items are ``{"image": [C, S, S] in [-1, 1], "label": int (−1 if none), "caption": str}``.
+    Each image is resized so that its shorter side is ``image_size`` and centre-cropped square.
+
+    Args:
+        root: the folder.
+        image_size: side of the returned images; None takes the first image's shorter side.
+        channels: 3 (RGB) or 1 (grey); every image is converted.
+
+    Raises:
+        FileNotFoundError: ``root`` is not a folder, or holds no image, or ``metadata.jsonl``
+            names a file that is not there.
+        ValueError: a malformed ``metadata.jsonl`` line, or a bad argument.
+
+    Example:
+        >>> ds = CaptionedImageFolder("forget_set/", image_size=64)  # doctest: +SKIP
+        >>> ds[0]["caption"]  # doctest: +SKIP
+        'a painting in the style of ...'
+    """
+
+    def __init__(
+        self, root: str | Path, image_size: int | None = None, channels: int = 3
+    ) -> None:
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 (grey) or 3 (RGB), got {channels!r}")
+        self.root = Path(root).expanduser()
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"image folder not found: {self.root} is not a directory")
+        metadata = _read_metadata(self.root) if (self.root / METADATA_FILE).is_file() else None
+        if metadata is not None:
+            missing = [name for name in metadata if not (self.root / name).is_file()]
+            if missing:
+                raise FileNotFoundError(
+                    f"{self.root / METADATA_FILE} names files that are not in {self.root}: "
+                    f"{missing[:5]}"
+                )
+            files = [self.root / name for name in sorted(metadata)]
+        else:
+            files = sorted(
+                p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
+            )
+        if not files:
+            raise FileNotFoundError(
+                f"no images in {self.root}: expected files ending in {', '.join(IMAGE_SUFFIXES)}"
+            )
+        rows = [
+            metadata[p.relative_to(self.root).as_posix()] if metadata is not None else None
+            for p in files
+        ]
+        self.files: list[Path] = files
+        self.captions: list[str] = [_caption_of(row, p) for row, p in zip(rows, files)]
+        self.labels: Tensor = torch.tensor(
+            [int(row.get("label", -1)) if row is not None else -1 for row in rows],
+            dtype=torch.int64,
+        )
+        self.channels = channels
+        if image_size is None:
+            with Image.open(files[0]) as first:
+                image_size = min(first.size)
+        self.image_size = check_image_size(image_size)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def load_image(self, index: int) -> Tensor:
+        """The ``index``-th image as ``[C, S, S]`` float32 in [-1, 1]."""
+        path = self.files[index]
+        try:
+            with Image.open(path) as opened:
+                image = opened.convert("RGB" if self.channels == 3 else "L")
+        except (UnidentifiedImageError, OSError) as err:
+            raise ValueError(
+                f"{path} is not a readable image (corrupt or truncated): {err}"
+            ) from err
+        side = self.image_size
+        scale = side / min(image.size)
+        width = max(side, round(image.width * scale))
+        height = max(side, round(image.height * scale))
+        image = image.resize((width, height), Image.Resampling.BICUBIC)
+        left, top = (width - side) // 2, (height - side) // 2
+        image = image.crop((left, top, left + side, top + side))
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
+        pixels = pixels.permute(2, 0, 1) if pixels.dim() == 3 else pixels.unsqueeze(0)
+        return resize_and_scale(pixels.unsqueeze(0), side, 255.0)[0]
+
+    def __getitem__(self, index: int) -> dict[str, Tensor | int | str]:
+        return {
+            "image": self.load_image(index),
+            "label": int(self.labels[index]),
+            "caption": self.captions[index],
+        }
+
+    def subset(self, indices: Tensor | Sequence[int]) -> CaptionedImageFolder:
+        """A view on the chosen items (images stay on disk)."""
+        index = torch.as_tensor(indices, dtype=torch.int64).reshape(-1).tolist()
+        view = object.__new__(CaptionedImageFolder)
+        view.root, view.channels, view.image_size = self.root, self.channels, self.image_size
+        view.files = [self.files[i] for i in index]
+        view.captions = [self.captions[i] for i in index]
+        view.labels = self.labels[index].clone()
+        return view
+
+    @property
+    def classes(self) -> list[int]:
+        """The distinct labels present, sorted (``[-1]`` when the folder has no labels)."""
+        return [int(c) for c in torch.unique(self.labels)]
