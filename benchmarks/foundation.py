@@ -22,6 +22,7 @@ import torch
 from vdu_lightning import ClassifierModule, DiffusionModule, ImageDataModule
 from vdu_lightning.callbacks.samples import image_grid, save_grid
 from vdu_lightning.cli import main as vdu
+from vdu_lightning.files import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,7 +55,6 @@ def main() -> None:
                         help="extra CLI arguments for the DDPM fit, e.g. --trainer.max_steps=100")
     args = parser.parse_args()
 
-    torch.set_num_threads(torch.get_num_threads())
     times = {}
     if not args.skip_training:
         times["classifier_fit_s"] = timed_fit("configs/mnist5k/classifier.yaml", [])
@@ -82,8 +82,7 @@ def main() -> None:
         "classes_present": sum(count > 0 for count in histogram),
         **{k: round(v, 1) for k, v in times.items()},
     }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=2))
+    atomic_write_text(args.json, json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
     print("| digit | " + " | ".join(str(d) for d in range(10)) + " |")
     print("|---" * 11 + "|")

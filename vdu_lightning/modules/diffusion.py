@@ -20,6 +20,7 @@ from vdu_lightning.diffusion import (
     seeded_noise,
 )
 from vdu_lightning.files import atomic_directory
+from vdu_lightning.modules.compat import check_data_fits_model
 from vdu_lightning.seeding import rank_generator
 
 
@@ -96,6 +97,7 @@ class DiffusionModule(pl.LightningModule):
         self._check_conditioning(num_classes)
         self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False)
         self.noise_generator: torch.Generator | None = None
+        self._resumed_noise_state: torch.Tensor | None = None
 
     def _check_conditioning(self, num_classes: int | None) -> None:
         embeds = self.unet.config.num_class_embeds
@@ -131,8 +133,23 @@ class DiffusionModule(pl.LightningModule):
         return (self.unet.config.in_channels, height, width)
 
     # ---- training -----------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        if self._trainer is not None and self.trainer.datamodule is not None:
+            check_data_fits_model(self.trainer.datamodule, self.sample_shape, "the UNet")
+
     def on_fit_start(self) -> None:
         self.noise_generator = rank_generator(self.device, self.global_rank)
+        if self._resumed_noise_state is not None:
+            self.noise_generator.set_state(self._resumed_noise_state)
+            self._resumed_noise_state = None
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The noise stream is part of the training state: a resumed run continues it.
+        if self.noise_generator is not None:
+            checkpoint["noise_generator_state"] = self.noise_generator.get_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._resumed_noise_state = checkpoint.get("noise_generator_state")
 
     def denoising_loss(
         self,
