@@ -89,3 +89,14 @@ def test_unknown_config_key_is_refused(capsys) -> None:
         main(["fit", "--config", TINY_PRETRAIN, "--model.init_args.gama=0.5"])
     assert exit_info.value.code != 0
     assert "gama" in capsys.readouterr().err
+
+
+def test_tiny_pretrain_fits_in_bf16_mixed_with_csv_logs(tmp_path: Path) -> None:
+    main(["fit", "--config", TINY_PRETRAIN, "--config", str(CONFIGS / "trainer" / "bf16.yaml"),
+          "--config", str(CONFIGS / "logger" / "csv.yaml"), "--trainer.max_steps=2",
+          "--trainer.limit_val_batches=1"])
+    module = DiffusionModule.from_pretrained(tmp_path / "runs/tests/tiny_ddpm", sample_steps=2)
+    assert all(torch.isfinite(p).all() for p in module.unet.parameters())
+    assert torch.isfinite(module.sample(2, seed=0)).all()
+    header = (tmp_path / "logs/csv/version_0/metrics.csv").read_text().splitlines()[0]
+    assert "train/loss" in header.split(",")

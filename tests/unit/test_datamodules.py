@@ -81,8 +81,8 @@ def test_retain_set_gives_combined_batches() -> None:
         ({"forget_classes": [10]}, r"classes \[10\] are not in dataset 'mnist5k'"),
         ({"forget_classes": [1], "retain_classes": [1, 2]}, r"overlap on \[1\]"),
         ({"forget_classes": []}, "forget_classes is empty"),
-        ({}, "exactly one of forget_classes"),
-        ({"forget_classes": [1], "forget_folder": "x"}, "exactly one of forget_classes"),
+        ({}, "exactly one forget source"),
+        ({"forget_classes": [1], "forget_folder": "x"}, "exactly one forget source"),
         ({"forget_classes": [1], "forget_size": 0}, "forget_size must be an int >= 1"),
         ({"forget_classes": [1], "retain_size": -1}, "retain_size must be an int >= 0"),
         ({"forget_classes": [1], "dataset": "cifar10"}, "set `root`"),
@@ -134,3 +134,42 @@ def test_distributed_sampler_shards_the_forget_set(size: int) -> None:
     assert set(shards[0]) | set(shards[1]) == set(range(size))  # nothing dropped
     if size % 2 == 0:
         assert not set(shards[0]) & set(shards[1])  # nothing seen twice
+
+
+class DictItems(torch.utils.data.Dataset):
+    """A user's own data set: no ``subset`` method, items are dicts."""
+
+    def __init__(self, n: int) -> None:
+        self.images = torch.linspace(-1, 1, n).reshape(n, 1, 1, 1).expand(n, 1, 8, 8)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"image": self.images[index], "label": 3}
+
+
+def test_forget_dataset_given_by_the_user_is_capped(tmp_path: Path) -> None:
+    import lightning.pytorch as pl
+
+    dm = ForgetSetDataModule(dataset="digits", forget_dataset=DictItems(12), forget_size=5,
+                             batch_size=5)
+    assert "forget_dataset" not in dm.hparams  # never pickled into a checkpoint
+    dm.setup("fit")
+    assert len(dm.forget_set) == 5
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].shape == (5, 1, 8, 8) and set(batch["label"].tolist()) == {3}
+    with pytest.raises(ValueError, match="forget_dataset is empty"):
+        ForgetSetDataModule(dataset="digits", forget_dataset=DictItems(0))
+    # A checkpoint of a real run on this datamodule loads with weights_only=True.
+    from conftest import TINY_UNET
+
+    from vdu_lightning import DiffusionModule
+    from vdu_lightning.files import load_checkpoint
+
+    trainer = pl.Trainer(max_steps=1, limit_val_batches=0, logger=False, accelerator="cpu",
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    trainer.fit(DiffusionModule(unet=dict(TINY_UNET)), datamodule=dm)
+    trainer.save_checkpoint(tmp_path / "x.ckpt")
+    assert load_checkpoint(tmp_path / "x.ckpt")["datamodule_hyper_parameters"]["forget_size"] == 5

@@ -12,7 +12,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import CombinedLoader
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from vdu_lightning.data.datasets import check_image_size
 from vdu_lightning.data.folder import CaptionedImageFolder
@@ -53,7 +53,9 @@ class VDUDataModule(pl.LightningDataModule):
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
-        self.save_hyperparameters()
+        # Subclass arguments are collected too. A Dataset object is never an hparam: it
+        # would be pickled into checkpoints, which then no longer load with weights_only.
+        self.save_hyperparameters(ignore=["forget_dataset"])
 
     @property
     def channels(self) -> int:
@@ -118,16 +120,18 @@ class ImageDataModule(VDUDataModule):
 def _random_cap(dataset: Any, mask: torch.Tensor, cap: int, generator: torch.Generator):
     """At most ``cap`` items of ``dataset`` where ``mask`` holds, drawn with ``generator``."""
     members = torch.nonzero(mask).flatten()
-    chosen = members[torch.randperm(len(members), generator=generator)[:cap]]
-    return dataset.subset(torch.sort(chosen).values)
+    chosen = torch.sort(members[torch.randperm(len(members), generator=generator)[:cap]]).values
+    if hasattr(dataset, "subset"):
+        return dataset.subset(chosen)
+    return Subset(dataset, chosen.tolist())
 
 
 class ForgetSetDataModule(VDUDataModule):
     """The forget set D_f (and optionally a retain set D_r) of one unlearning job.
 
-    D_f is the training items of ``forget_classes`` (or every image of ``forget_folder``),
-    capped at ``forget_size`` items drawn with ``subset_seed``: unlearning sees only this
-    small set. D_r, used only by the baselines that need one, is capped at ``retain_size``
+    D_f is the training items of ``forget_classes`` (or every item of ``forget_folder`` or of
+    ``forget_dataset``), capped at ``forget_size`` items drawn with ``subset_seed``: unlearning
+    sees only this small set. D_r, used only by the baselines that need one, is capped at ``retain_size``
     (0: none). Validation and test use held-out items: ``[forget_eval, retain_eval]``,
     each capped at ``eval_size``.
 
@@ -136,7 +140,10 @@ class ForgetSetDataModule(VDUDataModule):
 
     Args:
         forget_classes: labels to forget (e.g. ``[0]``).
-        forget_folder: instead of classes, a folder of images (see ``CaptionedImageFolder``).
+        forget_folder: instead of classes, a folder of images (see ``CaptionedImageFolder``),
+            converted to the data set's channels.
+        forget_dataset: instead of classes, any map-style data set whose items are
+            ``{"image": [C, H, W] in [-1, 1], "label": int}`` dicts (Python API).
         forget_size: the most forget items used (the data-constrained setting).
         retain_classes: labels of D_r and of the retain evaluation; None: every other class.
         retain_size: the most retain items used for training; 0 trains on D_f alone.
@@ -146,8 +153,8 @@ class ForgetSetDataModule(VDUDataModule):
 
     Raises:
         ValueError: before any data are read, on a class not in the data set, forget and
-            retain classes overlapping, neither or both of ``forget_classes`` and
-            ``forget_folder``, or a bad size; on ``setup``, on an empty forget set.
+            retain classes overlapping, not exactly one forget source, or a bad size; on
+            ``setup``, on an empty forget set.
 
     Example:
         >>> dm = ForgetSetDataModule(dataset="digits", forget_classes=[3], forget_size=50)
@@ -160,6 +167,7 @@ class ForgetSetDataModule(VDUDataModule):
         self,
         forget_classes: Sequence[int] | None = None,
         forget_folder: str | None = None,
+        forget_dataset: Dataset | None = None,
         forget_size: int = 500,
         retain_classes: Sequence[int] | None = None,
         retain_size: int = 0,
@@ -175,8 +183,14 @@ class ForgetSetDataModule(VDUDataModule):
     ) -> None:
         super().__init__(dataset, root, image_size, batch_size, num_workers, val_fraction,
                          split_seed)
-        if (forget_classes is None) == (forget_folder is None):
-            raise ValueError("give exactly one of forget_classes (labels) and forget_folder")
+        sources = [forget_classes, forget_folder, forget_dataset]
+        if sum(source is not None for source in sources) != 1:
+            raise ValueError(
+                "give exactly one forget source: forget_classes (labels), forget_folder (a "
+                "folder of images) or forget_dataset (a Dataset)"
+            )
+        if forget_dataset is not None and len(forget_dataset) == 0:
+            raise ValueError("forget_dataset is empty: the forget set needs at least one item")
         for name, value, least in (
             ("forget_size", forget_size, 1), ("retain_size", retain_size, 0),
             ("eval_size", eval_size, 1),
@@ -201,13 +215,15 @@ class ForgetSetDataModule(VDUDataModule):
         if overlap:
             raise ValueError(f"forget and retain classes overlap on {overlap}: they must differ")
         self.forget_classes, self.retain_classes = forget, retain
+        self.forget_dataset = forget_dataset
 
     def _forget_pool(self) -> Any:
+        """The user-given forget data (folder or data set), or None for forget classes."""
         if self.hparams.forget_folder is not None:
             return CaptionedImageFolder(
                 self.hparams.forget_folder, self.resolved_image_size, self.channels
             )
-        return None
+        return self.forget_dataset
 
     def setup(self, stage: str) -> None:
         if hasattr(self, "forget_set"):
@@ -226,7 +242,8 @@ class ForgetSetDataModule(VDUDataModule):
         if len(self.forget_set) == 0:
             raise ValueError(
                 f"the forget set is empty: no training item of dataset {hp.dataset!r} has a "
-                f"label in forget_classes={self.forget_classes}"
+                f"label in forget_classes={self.forget_classes}" if folder is None else
+                "the forget set is empty: the given forget data hold no item"
             )
         retain_of = torch.tensor(self.retain_classes, dtype=torch.int64)
         self.retain_set = (
@@ -234,7 +251,7 @@ class ForgetSetDataModule(VDUDataModule):
             if hp.retain_size > 0 else None
         )
         held_out = self.load("val")
-        # A folder forget set has no held-out part: its evaluation is the forget set itself.
+        # A user-given forget set has no held-out part: its evaluation is the forget set itself.
         self.forget_eval_set = (
             self.forget_set if folder is not None else _random_cap(
                 held_out, torch.isin(held_out.labels, torch.tensor(self.forget_classes)),
