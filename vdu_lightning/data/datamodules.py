@@ -131,9 +131,9 @@ class ForgetSetDataModule(VDUDataModule):
 
     D_f is the training items of ``forget_classes`` (or every item of ``forget_folder`` or of
     ``forget_dataset``), capped at ``forget_size`` items drawn with ``subset_seed``: unlearning
-    sees only this small set. D_r, used only by the baselines that need one, is capped at ``retain_size``
-    (0: none). Validation and test use held-out items: ``[forget_eval, retain_eval]``,
-    each capped at ``eval_size``.
+    sees only this small set. D_r, used only by the baselines that need one, is capped at
+    ``retain_size`` (0: none). Validation and test use held-out items:
+    ``[forget_eval, retain_eval]``, each capped at ``eval_size``.
 
     Training batches are the forget batch alone, or ``{"forget": ..., "retain": ...}`` when
     a retain set is asked for (the shorter set cycles).
