@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# huggingface_hub reads HF_HUB_OFFLINE once, at import: set it before anything imports it.
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"

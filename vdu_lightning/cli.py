@@ -59,9 +59,18 @@ class VDUCLI(LightningCLI):
             **kwargs,
         )
 
+    def before_instantiate_classes(self) -> None:
+        # `--ckpt_path` loads with weights_only=True unless the user asks otherwise: a
+        # checkpoint must never run pickled code (Lightning leaves it to torch's default,
+        # which an environment variable can change, and turns it off for URLs).
+        config = self.config.get(self.subcommand) if self.subcommand else None
+        if config is not None and "weights_only" in config and config["weights_only"] is None:
+            config["weights_only"] = True
+
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of ``vdu`` and ``python -m vdu_lightning``."""
+    """Entry point of ``vdu`` and ``python -m vdu_lightning`` (returns None: the console
+    script passes the return value to sys.exit)."""
     VDUCLI(args=args)
 
 

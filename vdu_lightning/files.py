@@ -24,6 +24,13 @@ def _check_parent_writable(path: Path) -> None:
         raise PermissionError(f"cannot write to {parent}: the directory is not writable")
 
 
+def _umask_mode(mode: int) -> int:
+    """``mode`` less the process umask: what open()/mkdir() would have given."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a fresh temporary directory that replaces ``path`` only if the block succeeds.
@@ -37,6 +44,9 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     _check_parent_writable(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    # mkdtemp makes the directory private (0700); the result should be readable like any
+    # directory the user creates.
+    tmp.chmod(_umask_mode(0o777))
     try:
         yield tmp
     except BaseException:
@@ -63,6 +73,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        tmp.chmod(_umask_mode(0o666))  # mkstemp's 0600 would make every written file private
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -20,6 +20,8 @@ def base_seed() -> int:
     return int(os.environ.get("PL_GLOBAL_SEED", 0))
 
 
-def rank_generator(device: torch.device | str, rank: int) -> torch.Generator:
-    """A generator on ``device`` seeded from the job's seed and this process's global rank."""
-    return torch.Generator(device=device).manual_seed(base_seed() + _RANK_STRIDE * rank)
+def rank_generator(device: torch.device | str, rank: int, offset: int = 0) -> torch.Generator:
+    """A generator on ``device`` seeded from the job's seed, this process's global rank and an
+    ``offset`` (e.g. the step at which a stream has to be started anew)."""
+    seed = base_seed() + _RANK_STRIDE * rank + (offset << 32)
+    return torch.Generator(device=device).manual_seed(seed)

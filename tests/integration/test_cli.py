@@ -13,6 +13,7 @@ from diffusers import DDPMPipeline
 from conftest import CONFIGS, REPO
 from vdu_lightning import ClassifierModule, DiffusionModule
 from vdu_lightning.cli import VDUCLI, main
+from vdu_lightning.modules.compat import check_data_fits_model
 
 TINY_PRETRAIN = str(CONFIGS / "tests" / "tiny_pretrain.yaml")
 #: Configs that are complete jobs; the others (trainer/, logger/) are presets layered on one.
@@ -22,7 +23,8 @@ PRESET_CONFIGS = sorted(p for p in CONFIGS.rglob("*.yaml") if p not in JOB_CONFI
 
 
 def test_tiny_pretrain_fits_exports_and_logs_samples(tmp_path: Path) -> None:
-    main(["fit", "--config", TINY_PRETRAIN])
+    cli = VDUCLI(args=["fit", "--config", TINY_PRETRAIN])
+    assert cli.config_init["fit"]["weights_only"] is True  # checkpoints never unpickle code
     model_dir = tmp_path / "runs/tests/tiny_ddpm"
     pipeline = DDPMPipeline.from_pretrained(model_dir, local_files_only=True)
     assert pipeline.unet.config.sample_size == 8
@@ -51,7 +53,16 @@ def test_command_line_overrides_win(tmp_path: Path) -> None:
 @pytest.mark.parametrize("config", JOB_CONFIGS, ids=lambda p: str(p.relative_to(CONFIGS)))
 def test_every_job_config_instantiates(config: Path) -> None:
     cli = VDUCLI(args=["--config", str(config)], run=False)
-    assert cli.model is not None and cli.datamodule is not None
+    # The data fit the model: the shape check fit() would run, done here without training.
+    if isinstance(cli.model, DiffusionModule):
+        check_data_fits_model(cli.datamodule, cli.model.sample_shape, "the UNet")
+    else:
+        assert cli.model.hparams.in_channels == cli.datamodule.channels
+    cli.datamodule.setup("fit")
+    batch = next(iter(cli.datamodule.train_dataloader()))
+    assert cli.model.hparams.get("num_classes") in (None, 10)
+    assert batch["image"].shape[1:] == (cli.datamodule.channels,) + (
+        cli.datamodule.resolved_image_size,) * 2
 
 
 @pytest.mark.parametrize("preset", PRESET_CONFIGS, ids=lambda p: str(p.relative_to(CONFIGS)))

@@ -21,6 +21,9 @@ def test_offline_wandb_run_holds_sample_grid_and_config(tmp_path: Path) -> None:
     assert list(run.glob("run-*.wandb")), "no W&B event file"
     grids = sorted((run / "files" / "media" / "images").glob("samples_*.png"))
     assert len(grids) == 2, grids  # at step 3 and at the end of fit
+    run_id = run.name.rsplit("-", 1)[-1]
+    on_disk = sorted((tmp_path / "logs" / "samples" / run_id).glob("step_*.png"))
+    assert len(on_disk) == 2, on_disk  # the same grids on disk, in a folder of this run
     config = (run / "files" / "config.yaml").read_text()
     assert "class_path: vdu_lightning.DiffusionModule" in config
     # A second run must not be refused because a config exists (W&B has no versioned log dir).

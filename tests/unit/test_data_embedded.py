@@ -59,8 +59,7 @@ def test_split_is_disjoint_complete_stratified_and_reproducible(name, per_class)
     if per_class:
         assert torch.bincount(val.labels).tolist() == [per_class // 10] * 10
     # Together the two parts hold exactly the pool's images (same multiset of image sums).
-    whole = load_dataset(name, split="train", val_fraction=0.1, split_seed=0)
-    sums = torch.cat([whole.images, val.images]).sum(dim=(1, 2, 3)).sort().values
+    sums = torch.cat([train.images, val.images]).sum(dim=(1, 2, 3)).sort().values
     pool_sums = (load_mnist5k(16) if name == "mnist5k" else load_digits()).images
     torch.testing.assert_close(sums, pool_sums.sum(dim=(1, 2, 3)).sort().values)
     again = load_dataset(name, split="val", val_fraction=0.1, split_seed=0)

@@ -82,3 +82,12 @@ def test_folder_through_the_registry_splits_randomly(tmp_path: Path) -> None:
     val = load_dataset("folder", root=tmp_path, image_size=4, split="val", val_fraction=0.2)
     assert (len(train), len(val)) == (8, 2)
     assert not set(train.files) & set(val.files)
+
+
+def test_metadata_paths_are_normalised_and_bad_labels_named(tmp_path: Path) -> None:
+    save_image(tmp_path / "a.png", 9)
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "./a.png", "text": "dot"}\n')
+    assert CaptionedImageFolder(tmp_path, image_size=4).captions == ["dot"]
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.png", "label": "cat"}\n')
+    with pytest.raises(ValueError, match="label of 'a.png' must be an integer, got 'cat'"):
+        CaptionedImageFolder(tmp_path)

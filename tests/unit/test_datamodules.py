@@ -173,3 +173,33 @@ def test_forget_dataset_given_by_the_user_is_capped(tmp_path: Path) -> None:
     trainer.fit(DiffusionModule(unet=dict(TINY_UNET)), datamodule=dm)
     trainer.save_checkpoint(tmp_path / "x.ckpt")
     assert load_checkpoint(tmp_path / "x.ckpt")["datamodule_hyper_parameters"]["forget_size"] == 5
+
+
+def write_labelled_folder(root: Path, labels: list[int]) -> None:
+    import json
+
+    for i, label in enumerate(labels):
+        Image.fromarray(np.full((4, 4, 3), 10 * i, dtype=np.uint8)).save(root / f"{i}.png")
+    rows = [{"file_name": f"{i}.png", "label": label} for i, label in enumerate(labels)]
+    (root / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+
+
+def test_folder_retain_classes_are_read_from_the_labels(tmp_path: Path) -> None:
+    write_labelled_folder(tmp_path, [0, 1, 2] * 6)
+    dm = ForgetSetDataModule(dataset="folder", root=str(tmp_path), forget_classes=[1],
+                             retain_size=4, val_fraction=0.3)
+    dm.setup("fit")
+    assert dm.retain_classes == [0, 2]
+    assert set(dm.retain_set.labels.tolist()) <= {0, 2} and len(dm.retain_set) == 4
+    forget_eval, retain_eval = dm.val_dataloader()
+    assert set(forget_eval.dataset.labels.tolist()) == {1}
+    assert set(retain_eval.dataset.labels.tolist()) == {0, 2}
+
+
+def test_an_empty_evaluation_split_is_refused_not_dropped(tmp_path: Path) -> None:
+    # Class 1 has a single item: it stays in training, so its held-out part is empty.
+    write_labelled_folder(tmp_path, [0] * 6 + [1])
+    dm = ForgetSetDataModule(dataset="folder", root=str(tmp_path), forget_classes=[1],
+                             val_fraction=0.3)
+    with pytest.raises(ValueError, match="the forget evaluation split is empty"):
+        dm.setup("fit")

@@ -35,8 +35,13 @@ def test_channel_mismatch_is_named() -> None:
 
 
 class RecordNoiseState(pl.Callback):
-    def on_train_start(self, trainer: pl.Trainer, pl_module: DiffusionModule) -> None:
-        self.state = pl_module.noise_generator.get_state().clone()
+    """The noise generator's state when the first training batch starts."""
+
+    state = None
+
+    def on_train_batch_start(self, trainer, pl_module: DiffusionModule, batch, index) -> None:
+        if self.state is None:
+            self.state = pl_module.noise_generator.get_state().clone()
 
 
 def test_resumed_fit_continues_the_noise_stream(tmp_path: Path, tiny_unet_config: dict) -> None:
@@ -50,8 +55,51 @@ def test_resumed_fit_continues_the_noise_stream(tmp_path: Path, tiny_unet_config
 
     resumed, fresh = RecordNoiseState(), RecordNoiseState()
     tiny_trainer(3, callbacks=[resumed]).fit(
-        DiffusionModule(unet=tiny_unet_config), datamodule=data, ckpt_path=tmp_path / "step2.ckpt"
+        DiffusionModule(unet=tiny_unet_config), datamodule=data, ckpt_path=tmp_path / "step2.ckpt",
+        weights_only=True,
     )
     tiny_trainer(3, callbacks=[fresh]).fit(DiffusionModule(unet=tiny_unet_config), datamodule=data)
     assert torch.equal(resumed.state, saved_state)
     assert not torch.equal(fresh.state, saved_state)
+
+
+class CountingEMA(DiffusionModule):
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.ema_updates = 0
+
+    def update_ema(self) -> None:
+        self.ema_updates += 1
+        super().update_ema()
+
+
+def test_ema_follows_every_optimizer_step_under_accumulation(tiny_unet_config: dict) -> None:
+    # 3 batches, accumulating 2: Lightning steps after batch 2 and after the last batch.
+    module = CountingEMA(unet=tiny_unet_config)
+    trainer = tiny_trainer(-1, max_epochs=1, limit_train_batches=3, accumulate_grad_batches=2)
+    trainer.fit(module, datamodule=ImageDataModule(dataset="digits", batch_size=8))
+    assert trainer.global_step == 2
+    assert module.ema_updates == 2
+
+
+def test_noise_streams_of_another_world_size_are_restarted(tmp_path: Path,
+                                                           tiny_unet_config: dict) -> None:
+    from vdu_lightning.files import load_checkpoint
+    from vdu_lightning.seeding import rank_generator
+
+    data = ImageDataModule(dataset="digits", batch_size=8)
+    trainer = tiny_trainer(2)
+    trainer.fit(DiffusionModule(unet=tiny_unet_config), datamodule=data)
+    trainer.save_checkpoint(tmp_path / "one.ckpt")
+    checkpoint = load_checkpoint(tmp_path / "one.ckpt")
+    assert checkpoint["noise_generator_states"].shape[0] == 1  # one row per process
+    # As if two processes had written it: this single process cannot continue rank 1's stream.
+    checkpoint["noise_generator_states"] = checkpoint["noise_generator_states"].repeat(2, 1)
+    torch.save(checkpoint, tmp_path / "two.ckpt")
+    recorder = RecordNoiseState()
+    with pytest.warns(UserWarning, match="saved by 2 processes"):
+        tiny_trainer(3, callbacks=[recorder]).fit(
+            DiffusionModule(unet=tiny_unet_config), datamodule=data,
+            ckpt_path=tmp_path / "two.ckpt", weights_only=True)
+    expected = rank_generator("cpu", 0, offset=2).get_state()
+    assert torch.equal(recorder.state, expected)

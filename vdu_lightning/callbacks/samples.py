@@ -64,7 +64,15 @@ class SampleGridLogger(pl.Callback):
         if not callable(getattr(pl_module, "sample", None)):
             raise TypeError(f"SampleGridLogger needs a module with a sample() method; "
                             f"{type(pl_module).__name__} has none")
-        if self.dirpath is None:
+        if self.dirpath is not None:
+            return
+        if isinstance(trainer.logger, WandbLogger):
+            # W&B has no versioned log_dir: one folder per run id keeps runs apart. Only
+            # rank 0 writes grids, and only rank 0 has the run.
+            if trainer.is_global_zero:
+                self.dirpath = os.path.join(trainer.logger.save_dir or trainer.default_root_dir,
+                                            "samples", str(trainer.logger.version))
+        else:
             # trainer.log_dir is a collective: resolve it here, on every rank.
             self.dirpath = os.path.join(trainer.log_dir or trainer.default_root_dir, "samples")
 

@@ -72,11 +72,11 @@ class VDUDataModule(pl.LightningDataModule):
         """Number of labelled classes (0 when the labels are only known after reading)."""
         return len(self.info.classes)
 
-    def load(self, split: str, dataset: str | None = None) -> Dataset:
+    def load(self, split: str) -> Dataset:
         """A part of the configured data set (``train``, ``val`` or ``test``)."""
         hp = self.hparams
         return load_dataset(
-            dataset or hp.dataset, hp.root, hp.image_size, split, hp.val_fraction, hp.split_seed
+            hp.dataset, hp.root, hp.image_size, split, hp.val_fraction, hp.split_seed
         )
 
     def loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
@@ -202,16 +202,17 @@ class ForgetSetDataModule(VDUDataModule):
         if forget_classes is not None and not forget:
             raise ValueError("forget_classes is empty: name at least one class to forget")
         if retain_classes is None:
-            retain = [c for c in known if c not in forget]
+            # Classes of a folder data set are only known once read: `setup` fills them in.
+            retain = [c for c in known if c not in forget] if known else None
         else:
             retain = sorted(set(retain_classes))
-        unknown = [c for c in forget + retain if known and c not in known]
+        unknown = [c for c in forget + (retain or []) if known and c not in known]
         if unknown:
             raise ValueError(
                 f"classes {unknown} are not in dataset {dataset!r}, whose classes are "
                 f"{list(known)}"
             )
-        overlap = sorted(set(forget) & set(retain))
+        overlap = sorted(set(forget) & set(retain or []))
         if overlap:
             raise ValueError(f"forget and retain classes overlap on {overlap}: they must differ")
         self.forget_classes, self.retain_classes = forget, retain
@@ -230,11 +231,13 @@ class ForgetSetDataModule(VDUDataModule):
             return
         hp = self.hparams
         generator = torch.Generator().manual_seed(hp.subset_seed)
-        folder = self._forget_pool()
+        given = self._forget_pool()
         train = self.load("train")
-        if folder is not None:
+        if self.retain_classes is None:
+            self.retain_classes = [c for c in train.classes if c not in self.forget_classes]
+        if given is not None:
             self.forget_set = _random_cap(
-                folder, torch.ones(len(folder), dtype=torch.bool), hp.forget_size, generator
+                given, torch.ones(len(given), dtype=torch.bool), hp.forget_size, generator
             )
         else:
             forget_mask = torch.isin(train.labels, torch.tensor(self.forget_classes))
@@ -242,7 +245,7 @@ class ForgetSetDataModule(VDUDataModule):
         if len(self.forget_set) == 0:
             raise ValueError(
                 f"the forget set is empty: no training item of dataset {hp.dataset!r} has a "
-                f"label in forget_classes={self.forget_classes}" if folder is None else
+                f"label in forget_classes={self.forget_classes}" if given is None else
                 "the forget set is empty: the given forget data hold no item"
             )
         retain_of = torch.tensor(self.retain_classes, dtype=torch.int64)
@@ -250,10 +253,13 @@ class ForgetSetDataModule(VDUDataModule):
             _random_cap(train, torch.isin(train.labels, retain_of), hp.retain_size, generator)
             if hp.retain_size > 0 else None
         )
+        if self.retain_set is not None and len(self.retain_set) == 0:
+            raise ValueError(f"retain_size={hp.retain_size} but no training item of dataset "
+                             f"{hp.dataset!r} has a label in {self.retain_classes}")
         held_out = self.load("val")
         # A user-given forget set has no held-out part: its evaluation is the forget set itself.
         self.forget_eval_set = (
-            self.forget_set if folder is not None else _random_cap(
+            self.forget_set if given is not None else _random_cap(
                 held_out, torch.isin(held_out.labels, torch.tensor(self.forget_classes)),
                 hp.eval_size, generator,
             )
@@ -261,6 +267,13 @@ class ForgetSetDataModule(VDUDataModule):
         self.retain_eval_set = _random_cap(
             held_out, torch.isin(held_out.labels, retain_of), hp.eval_size, generator
         )
+        # Empty parts are refused rather than dropped: loader 0 must always be the forget part.
+        for name, part in (("forget", self.forget_eval_set), ("retain", self.retain_eval_set)):
+            if len(part) == 0:
+                raise ValueError(
+                    f"the {name} evaluation split is empty: the held-out part of dataset "
+                    f"{hp.dataset!r} (val_fraction={hp.val_fraction}) has no item of its classes"
+                )
 
     def train_dataloader(self) -> DataLoader | CombinedLoader:
         forget = self.loader(self.forget_set, shuffle=True)
@@ -270,8 +283,9 @@ class ForgetSetDataModule(VDUDataModule):
         return CombinedLoader({"forget": forget, "retain": retain}, mode="max_size_cycle")
 
     def val_dataloader(self) -> list[DataLoader]:
-        parts = [self.forget_eval_set, self.retain_eval_set]
-        return [self.loader(part, shuffle=False) for part in parts if len(part)]
+        """``[forget_eval, retain_eval]``, in that order."""
+        return [self.loader(part, shuffle=False)
+                for part in (self.forget_eval_set, self.retain_eval_set)]
 
     def test_dataloader(self) -> list[DataLoader]:
         return self.val_dataloader()

@@ -61,11 +61,7 @@ def resize_and_scale(images: Tensor, image_size: int, max_value: float) -> Tenso
             )
             for chunk in scaled.split(_RESIZE_CHUNK)
         ]
-        scaled = (
-            torch.cat(chunks)
-            if chunks
-            else scaled.new_empty((0, scaled.shape[1], image_size, image_size))
-        )
+        scaled = torch.cat(chunks)
     return scaled.clamp_(-1.0, 1.0).contiguous()
 
 
@@ -122,16 +118,6 @@ class LabeledImages(Dataset):
     def classes(self) -> list[int]:
         """The distinct labels present, sorted."""
         return [int(c) for c in torch.unique(self.labels)]
-
-    @property
-    def channels(self) -> int:
-        """Channels per image (1 grey, 3 RGB)."""
-        return int(self.images.shape[1])
-
-    @property
-    def image_size(self) -> int:
-        """Image height in pixels (images are square)."""
-        return int(self.images.shape[2])
 
 
 def stratified_split(labels: Tensor, val_fraction: float, seed: int) -> tuple[Tensor, Tensor]:

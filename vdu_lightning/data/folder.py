@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
@@ -38,7 +38,8 @@ def _read_metadata(folder: Path) -> dict[str, dict]:
             raise ValueError(f"{path}, line {number}: not valid JSON ({err.msg})") from err
         if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
             raise ValueError(f"{path}, line {number}: each line needs a string 'file_name'")
-        rows[row["file_name"]] = row
+        # "./a.png" and "a.png" name the same file: keys are normalised like the paths.
+        rows[PurePosixPath(row["file_name"]).as_posix()] = row
     return rows
 
 
@@ -48,6 +49,14 @@ def _caption_of(row: dict | None, image: Path) -> str:
         return str(caption)
     beside = image.with_suffix(".txt")
     return beside.read_text(encoding="utf-8").strip() if beside.is_file() else ""
+
+
+def _label_of(row: dict | None, root: Path) -> int:
+    label = -1 if row is None else row.get("label", -1)
+    if isinstance(label, bool) or not isinstance(label, int):
+        raise ValueError(f"{root / METADATA_FILE}: the label of {row['file_name']!r} must be an "
+                         f"integer, got {label!r}")
+    return label
 
 
 class CaptionedImageFolder(Dataset):
@@ -104,8 +113,7 @@ class CaptionedImageFolder(Dataset):
         self.files: list[Path] = files
         self.captions: list[str] = [_caption_of(row, p) for row, p in zip(rows, files)]
         self.labels: Tensor = torch.tensor(
-            [int(row.get("label", -1)) if row is not None else -1 for row in rows],
-            dtype=torch.int64,
+            [_label_of(row, self.root) for row in rows], dtype=torch.int64
         )
         self.channels = channels
         if image_size is None:

@@ -79,7 +79,7 @@ def load_dataset(
 
     Example:
         >>> len(load_dataset("digits", split="val", val_fraction=0.1))
-        180
+        179
     """
     info = dataset_info(name)
     if split not in SPLITS:

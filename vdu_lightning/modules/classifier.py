@@ -134,7 +134,11 @@ class ClassifierModule(pl.LightningModule):
         optimizer = torch.optim.AdamW(
             self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
         )
-        steps = max(1, int(self.trainer.estimated_stepping_batches))
+        estimated = self.trainer.estimated_stepping_batches
+        if estimated == float("inf"):
+            raise ValueError("the cosine learning-rate schedule needs a finite run: set "
+                             "trainer.max_epochs or trainer.max_steps")
+        steps = max(1, int(estimated))
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler,
                                                          "interval": "step"}}

@@ -7,6 +7,7 @@ import os
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_warn
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMPipeline
@@ -97,7 +98,8 @@ class DiffusionModule(pl.LightningModule):
         self._check_conditioning(num_classes)
         self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False)
         self.noise_generator: torch.Generator | None = None
-        self._resumed_noise_state: torch.Tensor | None = None
+        self._resumed_noise_states: torch.Tensor | None = None
+        self._ema_step = 0
 
     def _check_conditioning(self, num_classes: int | None) -> None:
         embeds = self.unet.config.num_class_embeds
@@ -137,19 +139,36 @@ class DiffusionModule(pl.LightningModule):
         if self._trainer is not None and self.trainer.datamodule is not None:
             check_data_fits_model(self.trainer.datamodule, self.sample_shape, "the UNet")
 
-    def on_fit_start(self) -> None:
+    def on_train_start(self) -> None:
+        # Not on_fit_start: a resumed global_step is only restored after that hook.
         self.noise_generator = rank_generator(self.device, self.global_rank)
-        if self._resumed_noise_state is not None:
-            self.noise_generator.set_state(self._resumed_noise_state)
-            self._resumed_noise_state = None
+        self._ema_step = self.global_step
+        states, self._resumed_noise_states = self._resumed_noise_states, None
+        if states is None:
+            return
+        try:
+            if len(states) != self.trainer.world_size:
+                raise ValueError(f"saved by {len(states)} processes")
+            self.noise_generator.set_state(states[self.global_rank])
+        except (ValueError, RuntimeError) as err:
+            # Another world size or device type: a fresh stream per rank, still distinct
+            # from the one before the checkpoint because the step enters the seed.
+            rank_zero_warn(f"the checkpoint's noise streams cannot be continued ({err}); "
+                           "new streams are seeded from (seed, rank, step)")
+            self.noise_generator = rank_generator(self.device, self.global_rank,
+                                                  offset=self.global_step)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # The noise stream is part of the training state: a resumed run continues it.
-        if self.noise_generator is not None:
-            checkpoint["noise_generator_state"] = self.noise_generator.get_state()
+        # Each rank's noise stream is training state; Lightning calls this hook on every rank
+        # and writes rank 0's dict, so the states are gathered into it.
+        if self.noise_generator is None:
+            return
+        state = self.noise_generator.get_state().to(self.device)
+        gathered = self.trainer.strategy.all_gather(state)
+        checkpoint["noise_generator_states"] = gathered.reshape(-1, state.numel()).cpu()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._resumed_noise_state = checkpoint.get("noise_generator_state")
+        self._resumed_noise_states = checkpoint.get("noise_generator_states")
 
     def denoising_loss(
         self,
@@ -187,8 +206,9 @@ class DiffusionModule(pl.LightningModule):
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        # Only after batches where the optimizer actually stepped (gradient accumulation).
-        if (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0:
+        # Only after batches where the optimizer stepped (gradient accumulation, skipped steps).
+        if self.global_step != self._ema_step:
+            self._ema_step = self.global_step
             self.update_ema()
 
     @torch.no_grad()
