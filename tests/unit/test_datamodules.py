@@ -9,7 +9,6 @@ import pytest
 import torch
 from lightning.pytorch.utilities import CombinedLoader
 from PIL import Image
-from torch.utils.data import DistributedSampler
 
 from vdu_lightning import ForgetSetDataModule, ImageDataModule
 
@@ -120,20 +119,6 @@ def test_forget_folder_is_the_forget_set(tmp_path: Path) -> None:
     # Converted to the data set's channels (digits are grey), so batches fit the model.
     assert batch["image"].shape == (2, 1, 8, 8) and len(batch["caption"]) == 2
     assert dm.forget_eval_set is dm.forget_set
-
-
-@pytest.mark.parametrize("size", [100, 101])
-def test_distributed_sampler_shards_the_forget_set(size: int) -> None:
-    dm = ForgetSetDataModule(dataset="mnist5k", forget_classes=[4], forget_size=size)
-    dm.setup("fit")
-    shards = [
-        list(DistributedSampler(dm.forget_set, num_replicas=2, rank=rank, shuffle=True, seed=3))
-        for rank in range(2)
-    ]
-    assert len(shards[0]) == len(shards[1]) == (size + 1) // 2
-    assert set(shards[0]) | set(shards[1]) == set(range(size))  # nothing dropped
-    if size % 2 == 0:
-        assert not set(shards[0]) & set(shards[1])  # nothing seen twice
 
 
 class DictItems(torch.utils.data.Dataset):
