@@ -18,7 +18,7 @@ def check_data_fits_model(datamodule: Any, shape: tuple[int, int, int], model: s
     if size is not None and (size, size) != tuple(shape[1:]):
         problems.append(f"{size}x{size} images but {model} takes {shape[1]}x{shape[2]}")
     if problems:
-        name = getattr(getattr(datamodule, "hparams", {}), "get", lambda _: None)("dataset")
+        name = getattr(datamodule, "hparams", {}).get("dataset")
         raise ValueError(
             f"the data (dataset={name!r}) do not fit the model: " + "; ".join(problems)
             + ". Set data.image_size, or build the model for these images."

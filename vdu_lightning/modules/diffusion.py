@@ -7,10 +7,10 @@ import os
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities import rank_zero_warn
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMPipeline
+from lightning.pytorch.utilities import rank_zero_warn
 
 from vdu_lightning.diffusion import (
     build_scheduler,
