@@ -108,7 +108,7 @@ def test_conditional_model_has_a_null_label_and_guidance(tiny_unet_config: dict)
     assert not torch.allclose(plain, guided)
     assert not torch.allclose(plain, other)
 
-    module.noise_generator = torch.Generator().manual_seed(0)
+    module.noise.generator = torch.Generator().manual_seed(0)
     batch = {"label": torch.zeros(4000, dtype=torch.long)}
     dropped = (module._labels(batch, drop=True) == module.null_label).float().mean()
     assert 0.45 < dropped < 0.55

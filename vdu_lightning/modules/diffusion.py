@@ -10,7 +10,6 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMPipeline
-from lightning.pytorch.utilities import rank_zero_warn
 
 from vdu_lightning.diffusion import (
     build_scheduler,
@@ -22,7 +21,7 @@ from vdu_lightning.diffusion import (
 )
 from vdu_lightning.files import atomic_directory
 from vdu_lightning.modules.compat import check_data_fits_model
-from vdu_lightning.seeding import rank_generator
+from vdu_lightning.modules.noise import NoiseStreams
 
 
 class DiffusionModule(pl.LightningModule):
@@ -97,9 +96,7 @@ class DiffusionModule(pl.LightningModule):
             )
         self._check_conditioning(num_classes)
         self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False)
-        self.noise_generator: torch.Generator | None = None
-        self._resumed_noise_states: torch.Tensor | None = None
-        self._ema_step = 0
+        self.noise = NoiseStreams()
 
     def _check_conditioning(self, num_classes: int | None) -> None:
         embeds = self.unet.config.num_class_embeds
@@ -140,35 +137,22 @@ class DiffusionModule(pl.LightningModule):
             check_data_fits_model(self.trainer.datamodule, self.sample_shape, "the UNet")
 
     def on_train_start(self) -> None:
-        # Not on_fit_start: a resumed global_step is only restored after that hook.
-        self.noise_generator = rank_generator(self.device, self.global_rank)
-        self._ema_step = self.global_step
-        states, self._resumed_noise_states = self._resumed_noise_states, None
-        if states is None:
-            return
-        try:
-            if len(states) != self.trainer.world_size:
-                raise ValueError(f"saved by {len(states)} processes")
-            self.noise_generator.set_state(states[self.global_rank])
-        except (ValueError, RuntimeError) as err:
-            # Another world size or device type: a fresh stream per rank, still distinct
-            # from the one before the checkpoint because the step enters the seed.
-            rank_zero_warn(f"the checkpoint's noise streams cannot be continued ({err}); "
-                           "new streams are seeded from (seed, rank, step)")
-            self.noise_generator = rank_generator(self.device, self.global_rank,
-                                                  offset=self.global_step)
+        self.noise.start(self)
+
+    @property
+    def noise_generator(self) -> torch.Generator | None:
+        return self.noise.generator
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Each rank's noise stream is training state; Lightning calls this hook on every rank
-        # and writes rank 0's dict, so the states are gathered into it.
-        if self.noise_generator is None:
-            return
-        state = self.noise_generator.get_state().to(self.device)
-        gathered = self.trainer.strategy.all_gather(state)
-        checkpoint["noise_generator_states"] = gathered.reshape(-1, state.numel()).cpu()
+        self.noise.save(self, checkpoint)
+        # The architecture travels with the weights: the checkpoint alone rebuilds the model
+        # (vdu_lightning.checkpoints.load_diffusion_model), also when it started from a
+        # pretrained directory that is gone.
+        checkpoint["unet_config"] = dict(self.unet.config)
+        checkpoint["scheduler_config"] = dict(self.scheduler.config)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._resumed_noise_states = checkpoint.get("noise_generator_states")
+        self.noise.load(checkpoint)
 
     def denoising_loss(
         self,
@@ -205,11 +189,12 @@ class DiffusionModule(pl.LightningModule):
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        # Only after batches where the optimizer stepped (gradient accumulation, skipped steps).
-        if self.global_step != self._ema_step:
-            self._ema_step = self.global_step
-            self.update_ema()
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        # Here rather than in on_train_batch_end: called only when the optimizer steps (also
+        # under gradient accumulation), and before any callback's on_train_batch_end, so
+        # callbacks (PriorSnapshot) see the EMA of the step just taken.
+        super().optimizer_step(*args, **kwargs)
+        self.update_ema()
 
     @torch.no_grad()
     def update_ema(self) -> None:
