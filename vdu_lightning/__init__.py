@@ -3,12 +3,15 @@
 __version__ = "0.1.0"
 
 from vdu_lightning.data import ForgetSetDataModule, ImageDataModule  # noqa: E402
-from vdu_lightning.modules import ClassifierModule, DiffusionModule  # noqa: E402
+from vdu_lightning.modules import ClassifierModule, DiffusionModule, VDUModule  # noqa: E402
+from vdu_lightning.prior import ParameterPrior  # noqa: E402
 
 __all__ = [
     "ClassifierModule",
     "DiffusionModule",
     "ForgetSetDataModule",
     "ImageDataModule",
+    "ParameterPrior",
+    "VDUModule",
     "__version__",
 ]

@@ -141,4 +141,3 @@ def load_diffusion_model(
             raise ValueError(f"the weights in {path} do not fit its UNet: {err}") from err
     embeds = unet.config.num_class_embeds
     return unet, scheduler, None if embeds is None else embeds - 1
-

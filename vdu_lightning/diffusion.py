@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
+
+from vdu_lightning.files import atomic_directory
 
 #: Sub-folders of a diffusers pipeline directory (the layout of e.g. ``google/ddpm-cifar10-32``).
 UNET_SUBFOLDER = "unet"
@@ -74,6 +76,23 @@ def load_pretrained(path: str | os.PathLike) -> tuple[UNet2DModel, DDPMScheduler
     return unet, scheduler
 
 
+def sample_shape(unet: UNet2DModel) -> tuple[int, int, int]:
+    """(C, H, W) of the images the UNet denoises."""
+    size = unet.config.sample_size
+    height, width = (size, size) if isinstance(size, int) else size
+    return (unet.config.in_channels, height, width)
+
+
+def save_pretrained(unet: UNet2DModel, scheduler: DDPMScheduler, path: str | os.PathLike) -> None:
+    """Write a diffusers pipeline directory (``unet/``, ``scheduler/``) atomically.
+
+    It loads with ``load_pretrained`` and with diffusers' ``DDPMPipeline.from_pretrained``
+    (unconditional models).
+    """
+    with atomic_directory(path) as tmp:
+        DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(tmp)
+
+
 def predict_noise(
     unet: UNet2DModel,
     x_t: torch.Tensor,
@@ -128,3 +147,31 @@ def ddim_sample(
             eps = predict_noise(unet, x, timesteps, class_labels)
         x = scheduler.step(eps, t, x, eta=0.0).prev_sample
     return x.clamp(-1.0, 1.0)
+
+
+@torch.no_grad()
+def sample_in_batches(
+    unet: UNet2DModel,
+    scheduler_config: dict[str, Any],
+    noise: torch.Tensor,
+    num_steps: int,
+    labels: torch.Tensor | None = None,
+    null_label: int | None = None,
+    guidance_scale: float = 1.0,
+    batch_size: int = 256,
+) -> torch.Tensor:
+    """``ddim_sample`` over ``noise`` in batches, with the UNet in eval mode meanwhile."""
+    was_training = unet.training
+    unet.eval()
+    chunks = []
+    try:
+        for start in range(0, noise.shape[0], batch_size):
+            chunk_labels = None if labels is None else labels[start:start + batch_size].to(
+                noise.device)
+            chunks.append(ddim_sample(
+                unet, scheduler_config, noise[start:start + batch_size], num_steps=num_steps,
+                class_labels=chunk_labels, null_label=null_label, guidance_scale=guidance_scale,
+            ))
+    finally:
+        unet.train(was_training)
+    return torch.cat(chunks)

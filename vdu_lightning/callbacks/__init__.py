@@ -1,6 +1,15 @@
-"""Callbacks: sample grids and model export."""
+"""Callbacks: the checkpoint prior, sample grids, the NaN guard and model export."""
 
 from vdu_lightning.callbacks.export import ExportPretrained
+from vdu_lightning.callbacks.guard import NonFiniteLossError, UnlearningGuard
+from vdu_lightning.callbacks.prior import CheckpointPrior, PriorSnapshot
 from vdu_lightning.callbacks.samples import SampleGridLogger
 
-__all__ = ["ExportPretrained", "SampleGridLogger"]
+__all__ = [
+    "CheckpointPrior",
+    "ExportPretrained",
+    "NonFiniteLossError",
+    "PriorSnapshot",
+    "SampleGridLogger",
+    "UnlearningGuard",
+]

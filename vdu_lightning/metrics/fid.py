@@ -198,7 +198,6 @@ class UnlearnedFID(FrechetInceptionDistance):
         # torchmetrics sets this in update(); a rank or a copy that computes without having
         # updated itself would otherwise fail on it. Our extractors give float32.
         self.orig_dtype = torch.float32
-        self._warned_rank = False
 
     @property
     def name(self) -> str:
@@ -211,10 +210,9 @@ class UnlearnedFID(FrechetInceptionDistance):
         super().update(images, real=real)
 
     def compute(self) -> Tensor:
-        """The FID (float32); warns once when a covariance cannot have full rank."""
+        """The FID (float32); warns when a covariance cannot have full rank."""
         fewest = int(min(self.real_features_num_samples, self.fake_features_num_samples))
-        if fewest <= self.inception.num_features and not self._warned_rank:
-            self._warned_rank = True
+        if 2 <= fewest <= self.inception.num_features:
             rank_zero_warn(f"{self.name}: {fewest} samples for {self.inception.num_features}-d "
                            "features give a rank-deficient covariance; the value is biased and "
                            "comparable only with values from as many samples")

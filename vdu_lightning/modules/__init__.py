@@ -1,6 +1,7 @@
-"""LightningModules: DDPM pre-training and the evaluation classifier."""
+"""LightningModules: DDPM pre-training, the evaluation classifier, VDU unlearning."""
 
 from vdu_lightning.modules.classifier import ClassifierModule
 from vdu_lightning.modules.diffusion import DiffusionModule
+from vdu_lightning.modules.vdu import VDUModule
 
-__all__ = ["ClassifierModule", "DiffusionModule"]
+__all__ = ["ClassifierModule", "DiffusionModule", "VDUModule"]

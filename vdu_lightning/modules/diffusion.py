@@ -9,17 +9,17 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMPipeline
 
 from vdu_lightning.diffusion import (
     build_scheduler,
     build_unet,
-    ddim_sample,
     load_pretrained,
     predict_noise,
+    sample_in_batches,
+    sample_shape,
+    save_pretrained,
     seeded_noise,
 )
-from vdu_lightning.files import atomic_directory
 from vdu_lightning.modules.compat import check_data_fits_model
 from vdu_lightning.modules.noise import NoiseStreams
 
@@ -86,6 +86,8 @@ class DiffusionModule(pl.LightningModule):
         self.save_hyperparameters()
         if pretrained is not None:
             self.unet, self.scheduler = load_pretrained(pretrained)
+            # diffusers loads models in eval mode, and Lightning keeps the mode it finds.
+            self.unet.train()
         else:
             config = dict(unet)
             if num_classes is not None:
@@ -127,9 +129,7 @@ class DiffusionModule(pl.LightningModule):
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
-        size = self.unet.config.sample_size
-        height, width = (size, size) if isinstance(size, int) else size
-        return (self.unet.config.in_channels, height, width)
+        return sample_shape(self.unet)
 
     # ---- training -----------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -247,22 +247,12 @@ class DiffusionModule(pl.LightningModule):
         if self.conditional and labels is None:
             labels = torch.arange(num_images) % self.hparams.num_classes
         noise = seeded_noise(num_images, self.sample_shape, seed, self.device)
-        was_training = unet.training
-        unet.eval()
-        chunks = []
-        for start in range(0, num_images, batch_size):
-            chunk_labels = None if labels is None else labels[start:start + batch_size].to(
-                self.device)
-            chunks.append(ddim_sample(
-                unet, self.scheduler.config, noise[start:start + batch_size],
-                num_steps=num_steps or self.hparams.sample_steps,
-                class_labels=chunk_labels,
-                null_label=self.null_label,
-                guidance_scale=self.hparams.guidance_scale if guidance_scale is None
-                else guidance_scale,
-            ))
-        unet.train(was_training)
-        return torch.cat(chunks)
+        return sample_in_batches(
+            unet, self.scheduler.config, noise, num_steps or self.hparams.sample_steps,
+            labels=labels, null_label=self.null_label, batch_size=batch_size,
+            guidance_scale=self.hparams.guidance_scale if guidance_scale is None
+            else guidance_scale,
+        )
 
     def save_pretrained(self, path: str | os.PathLike, use_ema: bool = True) -> None:
         """Write a diffusers directory (``unet/``, ``scheduler/``) atomically.
@@ -270,6 +260,4 @@ class DiffusionModule(pl.LightningModule):
         It loads with ``DiffusionModule.from_pretrained`` and with diffusers'
         ``DDPMPipeline.from_pretrained`` (unconditional models).
         """
-        unet = self.ema_unet if use_ema else self.unet
-        with atomic_directory(path) as tmp:
-            DDPMPipeline(unet=unet, scheduler=self.scheduler).save_pretrained(tmp)
+        save_pretrained(self.ema_unet if use_ema else self.unet, self.scheduler, path)
