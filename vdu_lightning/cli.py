@@ -4,11 +4,14 @@
     vdu fit --config configs/mnist5k/pretrain.yaml --trainer.max_steps=200
     vdu fit --config configs/mnist5k/pretrain.yaml --config configs/logger/wandb.yaml
     vdu fit --model vdu_lightning.DiffusionModule --print_config
+    vdu prior --checkpoints a.ckpt b.ckpt c.ckpt --out prior.safetensors
 """
 
 from __future__ import annotations
 
+import argparse
 import os
+import sys
 from typing import Any
 
 import lightning.pytorch as pl
@@ -18,7 +21,10 @@ from lightning.pytorch.loggers import WandbLogger
 # Importing the package registers its modules and datamodules, so configs may name them
 # by short class name too.
 import vdu_lightning  # noqa: F401
+from vdu_lightning.callbacks.prior import CheckpointPrior
+from vdu_lightning.checkpoints import WEIGHT_PREFIXES
 from vdu_lightning.data.datamodules import VDUDataModule
+from vdu_lightning.prior import DEFAULT_MIN_VAR, SOURCES, ParameterPrior
 
 
 class RunConfigSaver(SaveConfigCallback):
@@ -67,10 +73,50 @@ class VDUCLI(LightningCLI):
         if config is not None and "weights_only" in config and config["weights_only"] is None:
             config["weights_only"] = True
 
+    def before_fit(self) -> None:
+        # A resumed run restores its prior from the checkpoint; Lightning reads ckpt_path only
+        # after the callbacks' setup, so CheckpointPrior is told here not to rebuild it.
+        if self.config_init[self.subcommand].get("ckpt_path"):
+            for callback in self.trainer.callbacks:
+                if isinstance(callback, CheckpointPrior):
+                    callback.resuming = True
+
+def prior_command(args: list[str]) -> None:
+    """``vdu prior``: build a prior file from K checkpoints and print its summary."""
+    parser = argparse.ArgumentParser(
+        prog="vdu prior",
+        description="Build the checkpoint prior N(mean, diag var) of VDU from K checkpoints "
+                    "(DiffusionModule .ckpt files, diffusers directories or UNet state dicts), "
+                    "reading one at a time.",
+    )
+    parser.add_argument("--checkpoints", nargs="+", required=True, help="K >= 2 checkpoints")
+    parser.add_argument("--out", required=True, help="the prior file to write (.safetensors)")
+    parser.add_argument("--source", choices=SOURCES, default="trajectory",
+                        help="how the checkpoints relate (recorded in the file)")
+    parser.add_argument("--include", nargs="+", default=None,
+                        help="shell-style patterns of parameter names to cover (default: all)")
+    parser.add_argument("--min-var", type=float, default=DEFAULT_MIN_VAR,
+                        help="floor of the variance")
+    parser.add_argument("--weights", choices=sorted(WEIGHT_PREFIXES), default="ema",
+                        help="EMA or raw weights of DiffusionModule checkpoints")
+    options = parser.parse_args(args)
+    try:
+        prior = ParameterPrior.from_checkpoints(options.checkpoints, options.source,
+                                                options.include, options.min_var,
+                                                options.weights)
+    except (FileNotFoundError, ValueError) as err:
+        parser.exit(2, f"vdu prior: error: {err}\n")
+    prior.save(options.out)
+    print(f"wrote {options.out}: {prior.describe()}")
+
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of ``vdu`` and ``python -m vdu_lightning`` (returns None: the console
     script passes the return value to sys.exit)."""
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["prior"]:
+        prior_command(argv[1:])
+        return
     VDUCLI(args=args)
 
 

@@ -338,3 +338,11 @@ class ParameterPrior:
             "parameters": self.numel, "min_var": self.min_var, "floored": self.num_floored,
             "var_quantiles": {f"{q:g}": float(v) for q, v in zip(quantiles, values)},
         }
+
+    def describe(self) -> str:
+        """``summary`` in one line."""
+        info = self.summary()
+        quantiles = ", ".join(f"q{q}={v:.3g}" for q, v in info["var_quantiles"].items())
+        return (f"prior: K={info['count']} {info['source']} checkpoints, {info['tensors']} "
+                f"tensors, {info['parameters']:,} parameters; variance {quantiles}; "
+                f"{info['floored']:,} entries floored at min_var={info['min_var']:g}")

@@ -151,6 +151,8 @@ class UnlearningEvaluation(pl.Callback):
             raise ValueError(f"num_samples={self.num_samples} is fewer than the "
                              f"{trainer.world_size} processes: each needs a sample")
         self._resolve_dirpath(trainer)
+        if stage == "fit" and not self.during_fit:
+            return  # nothing to evaluate: spare fit the classifier and the reference images
         key = (id(pl_module), id(data), trainer.world_size, trainer.global_rank)
         if key == self._cache_key:
             return
@@ -261,6 +263,7 @@ class UnlearningEvaluation(pl.Callback):
             pl_module.log(f"eval/{name}", value, sync_dist=False)  # values are synced already
         self.results = {
             "step": trainer.global_step,
+            "stage": trainer.state.fn.value,
             "metrics": metrics,
             "histograms": {"original": hist_original.tolist(),
                            "unlearned": hist_unlearned.tolist()},
@@ -293,6 +296,7 @@ class UnlearningEvaluation(pl.Callback):
     def _sample_and_score(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                           noise: Tensor, original: bool) -> dict[str, Any]:
         """Labels and FID of this rank's samples, and the first ``grid_images`` of all ranks."""
+        self._fid.reset()  # fake statistics left by an evaluation that failed half-way
         world = trainer.world_size
         per_rank = min(math.ceil(self.grid_images / world), self.num_samples // world)
         preds, firsts = [], []

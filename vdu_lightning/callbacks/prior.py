@@ -26,14 +26,6 @@ from vdu_lightning.prior import (
 )
 
 
-def _format_summary(prior: ParameterPrior) -> str:
-    info = prior.summary()
-    quantiles = ", ".join(f"q{q}={v:.3g}" for q, v in info["var_quantiles"].items())
-    return (f"prior: K={info['count']} {info['source']} checkpoints, {info['tensors']} tensors, "
-            f"{info['parameters']:,} parameters; variance {quantiles}; "
-            f"{info['floored']:,} entries floored at min_var={info['min_var']:g}")
-
-
 class PriorSnapshot(pl.Callback):
     """Fold the weights of a training ``DiffusionModule`` into a running prior every N steps.
 
@@ -152,7 +144,7 @@ class PriorSnapshot(pl.Callback):
             return
         prior = self.moments.to_prior(self.source, self.min_var)
         prior.save(self.path)
-        rank_zero_info(f"wrote {self.path}: {_format_summary(prior)}")
+        rank_zero_info(f"wrote {self.path}: {prior.describe()}")
 
     def state_dict(self) -> dict[str, Any]:
         return {"last_step": self._last_step, "moments": self.moments.state_dict(),
@@ -169,9 +161,14 @@ class CheckpointPrior(pl.Callback):
     loaded from a prior file.
 
     Runs in ``setup("fit")``, on the CPU model, before any training. Checkpoints are read one
-    at a time with ``weights_only=True`` (never all in memory). When the run resumes from a
-    checkpoint (``ckpt_path``) it does nothing: the prior is restored from that checkpoint.
-    Every process builds the same prior from the same files (no broadcast of large objects).
+    at a time with ``weights_only=True`` (never all in memory). Every process builds the same
+    prior from the same files (no broadcast of large objects).
+
+    Resuming: the prior is part of every VDU checkpoint and is restored from it. Lightning
+    only reads ``fit(ckpt_path=...)`` after ``setup``, so this callback learns of a resume
+    from ``trainer.ckpt_path`` set before fit, or from ``resuming = True``, which ``vdu fit
+    --ckpt_path ...`` sets; it then does nothing (the files may even be gone). Otherwise it
+    builds the prior and the checkpoint's prior replaces it.
 
     Args:
         checkpoints: K ``DiffusionModule`` checkpoints, diffusers directories or UNet state
@@ -211,6 +208,7 @@ class CheckpointPrior(pl.Callback):
         self.prior_path = prior
         self.source, self.include, self.min_var = source, include, min_var
         self.weights, self.save_to = weights, save_to
+        self.resuming = False
 
     def build(self) -> ParameterPrior:
         """The prior this callback hands over (read or built on every call)."""
@@ -220,13 +218,13 @@ class CheckpointPrior(pl.Callback):
                                                self.min_var, self.weights)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit" or trainer.ckpt_path is not None:
+        if stage != "fit" or self.resuming or trainer.ckpt_path is not None:
             return
         if not callable(getattr(pl_module, "set_prior", None)):
             raise TypeError(f"CheckpointPrior needs a module with set_prior() (a VDUModule); "
                             f"{type(pl_module).__name__} has none")
         prior = self.build()
         pl_module.set_prior(prior)
-        rank_zero_info(_format_summary(prior))
+        rank_zero_info(prior.describe())
         if self.save_to is not None and trainer.is_global_zero:
             prior.save(self.save_to)

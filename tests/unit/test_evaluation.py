@@ -1,0 +1,179 @@
+"""UnlearningEvaluation through real Trainer.validate runs, checked against direct computations."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from evaluation_helpers import RecordingWandbLogger, TinyUnlearner, one_thread, tiny_classifier
+from vdu_lightning import ClassifierModule, ForgetSetDataModule
+from vdu_lightning.callbacks.evaluation import UnlearningEvaluation
+from vdu_lightning.callbacks.samples import image_grid
+from vdu_lightning.diffusion import seeded_noise
+from vdu_lightning.metrics import UnlearnedFID, percent_unlearned
+
+SETTINGS = {"num_samples": 40, "seed": 5, "num_steps": 2, "batch_size": 16,
+            "num_reference": 150, "grid_images": 6}
+FID_NAME = "u_fid/classifier/ddim2"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    with one_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def direct(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Samples, labels and FIDs computed directly, without the callback."""
+    with one_thread():
+        return _direct(tmp_path_factory.mktemp("direct"))
+
+
+def _direct(root: Path) -> dict:
+    classifier = tiny_classifier(root / "classifier")
+    module = TinyUnlearner()
+    noise = seeded_noise(SETTINGS["num_samples"], module.sample_shape, SETTINGS["seed"])
+    samples = {name: module.sample_from(noise, original=name == "original", num_steps=2)
+               for name in ("original", "unlearned")}
+    labels = {name: classifier.predict_labels(images) for name, images in samples.items()}
+    forget = int(torch.bincount(labels["original"]).argmax())  # so that n_orig > 0
+    data = ForgetSetDataModule(dataset="digits", forget_classes=[forget])
+    train = data.load("train")
+    members = torch.nonzero(train.labels != forget).flatten()
+    chosen = torch.randperm(len(members), generator=torch.Generator().manual_seed(
+        SETTINGS["seed"]))[:SETTINGS["num_reference"]]
+    reference = train.images[torch.sort(members[chosen]).values]
+    fid = UnlearnedFID(classifier=classifier, num_steps=2)
+    fid.update(reference, real=True)
+    fids = {}
+    for name, images in samples.items():
+        fid.update(images, real=False)
+        fids[name] = fid.compute().item()
+        fid.reset()
+    return {"classifier": root / "classifier", "samples": samples, "labels": labels,
+            "forget": forget, "fids": fids}
+
+
+def _datamodule(forget: int) -> ForgetSetDataModule:
+    return ForgetSetDataModule(dataset="digits", forget_classes=[forget], forget_size=8,
+                               eval_size=8, batch_size=8)
+
+
+def _trainer(logger: object = False, **kwargs: object) -> pl.Trainer:
+    return pl.Trainer(accelerator="cpu", logger=logger, limit_val_batches=1,
+                      limit_test_batches=1, enable_progress_bar=False,
+                      enable_model_summary=False, enable_checkpointing=False, **kwargs)
+
+
+def test_validate_matches_a_direct_computation(tmp_path: Path, direct: dict) -> None:
+    module, data = TinyUnlearner(), _datamodule(direct["forget"])
+    callback = UnlearningEvaluation(classifier=str(direct["classifier"]), **SETTINGS)
+    logger = RecordingWandbLogger(str(tmp_path / "logs"))
+    _trainer(logger, callbacks=[callback]).validate(module, datamodule=data)
+
+    out = tmp_path / "logs" / "evaluation" / "run0"  # one folder per W&B run
+    results = json.loads((out / "evaluation_step_0000000.json").read_text())
+    hist = results["histograms"]
+    for name in ("original", "unlearned"):
+        expected = torch.bincount(direct["labels"][name], minlength=10).tolist()
+        assert hist[name] == expected
+    forget = direct["forget"]
+    metrics = results["metrics"]
+    assert results["forget_classes"] == [forget] and results["num_samples"] == 40
+    assert results["stage"] == "validate"
+    assert (results["sampler"], results["num_steps"], results["features"]) == (
+        "ddim", 2, "classifier")
+    assert metrics["pul"] == pytest.approx(
+        percent_unlearned(hist["original"][forget], hist["unlearned"][forget]).item())
+    assert metrics["forget_fraction_original"] == hist["original"][forget] / 40
+    assert metrics["forget_fraction_unlearned"] == hist["unlearned"][forget] / 40
+    assert metrics[FID_NAME] == pytest.approx(direct["fids"]["unlearned"], rel=1e-5)
+    assert metrics[f"original/{FID_NAME}"] == pytest.approx(direct["fids"]["original"], rel=1e-5)
+    assert metrics["u_fid_ratio"] == pytest.approx(
+        direct["fids"]["unlearned"] / direct["fids"]["original"], rel=1e-5)
+    assert metrics[FID_NAME] != pytest.approx(metrics[f"original/{FID_NAME}"])
+    assert results["num_reference"] == 150
+    assert callback.results["metrics"] == pytest.approx(metrics)
+    logged = {k: v for entry in logger.metrics for k, v in entry.items()}
+    assert logged[f"eval/{FID_NAME}"] == pytest.approx(metrics[FID_NAME])
+    assert logged["eval/pul"] == pytest.approx(metrics["pul"])
+
+    # The grid: left the original's first samples, right the unlearned model's, same seeds.
+    grid = np.asarray(Image.open(out / "samples_step_0000000.png").convert("L"), dtype=float)
+    left = image_grid(direct["samples"]["original"][:6])
+    right = image_grid(direct["samples"]["unlearned"][:6])
+    width = left.shape[2]
+    assert grid.shape == (left.shape[1], 2 * width + 8)
+    np.testing.assert_allclose(grid[:, :width], left[0].numpy() * 255, atol=1)
+    np.testing.assert_allclose(grid[:, -width:], right[0].numpy() * 255, atol=1)
+    Image.open(out / "histogram_step_0000000.png").verify()
+    assert [(i["key"], i["step"]) for i in logger.images] == [("eval/samples", 0)]
+
+    # The original's samples are cached: a second validation samples only the unlearned model.
+    assert module.calls == {"original": 3, "unlearned": 3}
+    _trainer(callbacks=[callback]).validate(module, datamodule=data)
+    assert module.calls == {"original": 3, "unlearned": 6}
+    assert callback.results["metrics"] == pytest.approx(metrics)
+
+
+def test_identical_models_give_zero_pul_and_unit_ratio(tmp_path: Path, direct: dict) -> None:
+    callback = UnlearningEvaluation(classifier=str(direct["classifier"]), dirpath="out",
+                                    **SETTINGS)
+    trainer = _trainer(callbacks=[callback])
+    trainer.test(TinyUnlearner(same=True), datamodule=_datamodule(direct["forget"]))
+    results = json.loads((tmp_path / "out" / "evaluation_step_0000000.json").read_text())
+    assert results["stage"] == "test"
+    assert results["histograms"]["original"] == results["histograms"]["unlearned"]
+    assert results["metrics"]["pul"] == 0.0
+    assert results["metrics"]["u_fid_ratio"] == pytest.approx(1.0, abs=1e-6)
+    assert trainer.callback_metrics["eval/pul"] == 0.0
+
+
+@pytest.mark.filterwarnings("ignore:.*rank-deficient covariance")
+def test_fit_evaluates_only_when_asked_and_never_in_the_sanity_check(tmp_path: Path,
+                                                                     direct: dict) -> None:
+    settings = dict(SETTINGS, num_samples=8, batch_size=8, num_reference=20)
+    for during_fit in (False, True):
+        module = TinyUnlearner()
+        callback = UnlearningEvaluation(classifier=str(direct["classifier"]),
+                                        dirpath=f"fit_{during_fit}", during_fit=during_fit,
+                                        **settings)
+        _trainer(callbacks=[callback], max_epochs=1, limit_train_batches=1,
+                 num_sanity_val_steps=1).fit(module, datamodule=_datamodule(direct["forget"]))
+        files = sorted(p.name for p in (tmp_path / f"fit_{during_fit}").glob("*.json"))
+        if during_fit:
+            assert module.calls == {"original": 1, "unlearned": 1}
+            assert files == ["evaluation_step_0000001.json"]
+        else:
+            assert module.calls == {"original": 0, "unlearned": 0} and files == []
+
+
+def test_user_errors_are_raised_before_any_sampling(tmp_path: Path, direct: dict) -> None:
+    data = _datamodule(direct["forget"])
+    module = TinyUnlearner()
+    missing = UnlearningEvaluation(classifier=str(tmp_path / "no_classifier"))
+    with pytest.raises(FileNotFoundError, match="no_classifier"):
+        _trainer(callbacks=[missing]).validate(module, datamodule=data)
+    ClassifierModule(in_channels=1, num_classes=5, width=8).save_pretrained(tmp_path / "five")
+    with pytest.raises(ValueError, match="has 5 classes but the data set has 10"):
+        _trainer(callbacks=[UnlearningEvaluation(classifier=str(tmp_path / "five"))]).validate(
+            module, datamodule=data)
+    assert module.calls == {"original": 0, "unlearned": 0}
+
+    class NoSampler(pl.LightningModule):
+        def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+            pass
+
+    with pytest.raises(TypeError, match="NoSampler lacks them"):
+        _trainer(callbacks=[UnlearningEvaluation(classifier=str(direct["classifier"]))]
+                 ).validate(NoSampler(), datamodule=data)
+    with pytest.raises(ValueError, match="num_samples must be an int >= 2, got 1"):
+        UnlearningEvaluation(classifier="c", num_samples=1)
