@@ -81,6 +81,7 @@ class VDUCLI(LightningCLI):
                 if isinstance(callback, CheckpointPrior):
                     callback.resuming = True
 
+
 def prior_command(args: list[str]) -> None:
     """``vdu prior``: build a prior file from K checkpoints and print its summary."""
     parser = argparse.ArgumentParser(

@@ -206,13 +206,17 @@ class ParameterPrior:
     ) -> "ParameterPrior":
         """The prior of snapshots given one after another (each can be dropped once read)."""
         moments = RunningMoments()
-        for index, snapshot in enumerate(snapshots):
+        index = 0
+        for snapshot in snapshots:
             floating = _floating(snapshot)
             names = select_names(floating, include)
             if not names:
                 raise ValueError(f"no parameter matches include={list(include or [])}: names "
                                  f"look like {list(floating)[:_SHOWN]}")
             moments.update({n: floating[n] for n in names}, f"snapshot {index}")
+            # Drop this snapshot before the next is read: one checkpoint in memory at a time.
+            del snapshot, floating
+            index += 1
         return moments.to_prior(source, min_var)
 
     @classmethod

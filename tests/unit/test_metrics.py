@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import torch
 from torch import nn
 from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
 
+from evaluation_helpers import one_thread
 from vdu_lightning import ClassifierModule
 from vdu_lightning.metrics import (
     ClassifierFeatures,
@@ -21,6 +23,12 @@ from vdu_lightning.metrics import (
     percent_unlearned,
 )
 from vdu_lightning.metrics import fid as fid_module
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    with one_thread():
+        yield
 
 
 # ---- PUL ---------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""Callbacks: the checkpoint prior, sample grids, the NaN guard and model export."""
+"""Callbacks: the checkpoint prior, sample grids, evaluation, the NaN guard, model export."""
 
+from vdu_lightning.callbacks.evaluation import UnlearningEvaluation
 from vdu_lightning.callbacks.export import ExportPretrained
 from vdu_lightning.callbacks.guard import NonFiniteLossError, UnlearningGuard
 from vdu_lightning.callbacks.prior import CheckpointPrior, PriorSnapshot
@@ -11,5 +12,6 @@ __all__ = [
     "NonFiniteLossError",
     "PriorSnapshot",
     "SampleGridLogger",
+    "UnlearningEvaluation",
     "UnlearningGuard",
 ]
