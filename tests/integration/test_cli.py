@@ -11,11 +11,12 @@ import torch
 from diffusers import DDPMPipeline
 
 from conftest import CONFIGS, REPO
-from vdu_lightning import ClassifierModule, DiffusionModule
+from vdu_lightning import ClassifierModule, DiffusionModule, ParameterPrior, VDUModule
 from vdu_lightning.cli import VDUCLI, main
 from vdu_lightning.modules.compat import check_data_fits_model
 
 TINY_PRETRAIN = str(CONFIGS / "tests" / "tiny_pretrain.yaml")
+TINY_VDU = str(CONFIGS / "tests" / "tiny_vdu.yaml")
 #: Configs that are complete jobs; the others (trainer/, logger/) are presets layered on one.
 JOB_CONFIGS = sorted(p for p in CONFIGS.rglob("*.yaml")
                      if p.parent.name not in ("trainer", "logger"))
@@ -50,11 +51,72 @@ def test_command_line_overrides_win(tmp_path: Path) -> None:
     assert cli.model.hparams.lr == 0.5
 
 
+def test_prior_finetune_and_vdu_configs_run_end_to_end_and_evaluate(tmp_path: Path,
+                                                                    capsys) -> None:
+    main(["fit", "--config", str(CONFIGS / "tests" / "tiny_classifier.yaml"),
+          "--trainer.max_epochs=1"])
+    main(["fit", "--config", TINY_PRETRAIN])
+    trajectory = ParameterPrior.load(tmp_path / "runs/tests/tiny_prior.safetensors")
+    assert (trajectory.source, trajectory.count) == ("trajectory", 3)
+    main(["fit", "--config", str(CONFIGS / "tests" / "tiny_prior_finetune.yaml")])
+    finetune = ParameterPrior.load(tmp_path / "runs/tests/tiny_prior_finetune.safetensors")
+    assert (finetune.source, finetune.count) == ("finetune", 3)
+
+    main(["fit", "--config", TINY_VDU])
+    unlearned = DDPMPipeline.from_pretrained(tmp_path / "runs/tests/tiny_unlearned",
+                                             local_files_only=True).unet
+    original = DDPMPipeline.from_pretrained(tmp_path / "runs/tests/tiny_ddpm",
+                                            local_files_only=True).unet
+    assert not torch.equal(unlearned.conv_in.weight, original.conv_in.weight)
+    checkpoint = str(tmp_path / "runs/tests/tiny_vdu/last.ckpt")
+
+    # The evaluation path: PUL, u-FID, histograms and the side-by-side grid.
+    main(["validate", "--config", TINY_VDU, "--ckpt_path", checkpoint])
+    results = sorted((tmp_path / "runs/tests/tiny_vdu").rglob("evaluation_step_*.json"))
+    assert len(results) == 1
+    assert sorted((results[0].parent).glob("samples_step_*.png"))
+
+    # Resume: the prior comes from the checkpoint, not from the (now deleted) prior file.
+    (tmp_path / "runs/tests/tiny_prior.safetensors").unlink()
+    cli = VDUCLI(args=["fit", "--config", TINY_VDU, "--ckpt_path", checkpoint,
+                       "--trainer.max_steps=6"])
+    assert cli.trainer.global_step == 6
+    assert cli.model.prior.names == trajectory.names
+
+    unlearned = DDPMPipeline.from_pretrained(tmp_path / "runs/tests/tiny_unlearned",
+                                             local_files_only=True).unet  # re-exported
+    main(["prior", "--checkpoints", str(tmp_path / "runs/tests/tiny_ddpm"),
+          str(tmp_path / "runs/tests/tiny_unlearned"), "--out", "cli_prior.safetensors",
+          "--source", "independent"])
+    printed = capsys.readouterr().out
+    assert "wrote cli_prior.safetensors: prior: K=2 independent checkpoints" in printed
+    built = ParameterPrior.load(tmp_path / "cli_prior.safetensors")
+    expected = (unlearned.conv_in.weight.double() - original.conv_in.weight.double()) ** 2 / 2
+    torch.testing.assert_close(built.var["conv_in.weight"].double(),
+                               expected.float().clamp_min(built.min_var).double())
+
+
+def test_the_prior_command_names_missing_checkpoints(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["prior", "--checkpoints", "missing_a.ckpt", "missing_b", "--out", "p.safetensors"])
+    assert exit_info.value.code == 2
+    assert "checkpoints not found: ['missing_a.ckpt', 'missing_b']" in capsys.readouterr().err
+    assert not Path("p.safetensors").exists()
+
+
+@pytest.fixture
+def stand_in_models(tmp_path: Path) -> None:
+    """The pre-trained models the unlearning configs start from, untrained, at their paths."""
+    for config, path in ((CONFIGS / "mnist5k" / "pretrain.yaml", "runs/mnist5k/ddpm"),
+                         (Path(TINY_PRETRAIN), "runs/tests/tiny_ddpm")):
+        VDUCLI(args=["--config", str(config)], run=False).model.save_pretrained(tmp_path / path)
+
+
 @pytest.mark.parametrize("config", JOB_CONFIGS, ids=lambda p: str(p.relative_to(CONFIGS)))
-def test_every_job_config_instantiates(config: Path) -> None:
+def test_every_job_config_instantiates(config: Path, stand_in_models: None) -> None:
     cli = VDUCLI(args=["--config", str(config)], run=False)
     # The data fit the model: the shape check fit() would run, done here without training.
-    if isinstance(cli.model, DiffusionModule):
+    if isinstance(cli.model, (DiffusionModule, VDUModule)):
         check_data_fits_model(cli.datamodule, cli.model.sample_shape, "the UNet")
     else:
         assert cli.model.hparams.in_channels == cli.datamodule.channels
