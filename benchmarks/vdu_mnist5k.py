@@ -1,0 +1,105 @@
+"""VDU on the foundation's mnist5k DDPM: forget one digit, then PUL and u-FID.
+
+    python benchmarks/vdu_mnist5k.py --prior runs/mnist5k/prior_trajectory.safetensors \
+        --gamma 0.9 --max-steps 400 --out runs/bench/trajectory.json
+
+Needs runs/mnist5k/ddpm (+ the trajectory prior) from configs/mnist5k/pretrain.yaml, the
+classifier from configs/mnist5k/classifier.yaml and, for a finetune prior,
+configs/mnist5k/prior_finetune.yaml. Protocol (method.md §4): N samples with the same seeds
+from the original and the unlearned model (DDIM-50); the classifier counts the forgotten
+digit (PUL); u-FID on the classifier's features against the real retained-class training
+images; the original's samples and statistics are cached per model directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+
+from vdu_lightning import ClassifierModule, ForgetSetDataModule, VDUModule
+from vdu_lightning.callbacks import CheckpointPrior, UnlearningGuard
+from vdu_lightning.diffusion import seeded_noise
+from vdu_lightning.files import atomic_write_text
+from vdu_lightning.metrics import PercentUnlearned, UnlearnedFID
+
+
+def samples(module: VDUModule, original: bool, num: int, steps: int) -> torch.Tensor:
+    noise = seeded_noise(num, module.sample_shape, seed=0)
+    return module.sample_from(noise, original=original, num_steps=steps)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pretrained", default="runs/mnist5k/ddpm")
+    parser.add_argument("--classifier", default="runs/mnist5k/classifier")
+    parser.add_argument("--prior", required=True)
+    parser.add_argument("--forget-class", type=int, default=1)
+    parser.add_argument("--gamma", type=float, default=0.9)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--max-steps", type=int, default=400)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--num-samples", type=int, default=1000)
+    parser.add_argument("--sample-steps", type=int, default=50)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    pl.seed_everything(0)
+    data = ForgetSetDataModule(dataset="mnist5k", image_size=16, batch_size=args.batch_size,
+                               forget_classes=[args.forget_class], forget_size=500)
+    module = VDUModule(args.pretrained, gamma=args.gamma, lr=args.lr)
+    trainer = pl.Trainer(max_steps=args.max_steps, logger=False, enable_checkpointing=False,
+                         limit_val_batches=0, enable_progress_bar=False,
+                         enable_model_summary=False,
+                         callbacks=[CheckpointPrior(prior=args.prior), UnlearningGuard()])
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=data)
+    fit_seconds = time.perf_counter() - start
+
+    classifier = ClassifierModule.from_pretrained(args.classifier)
+    cache = Path(args.pretrained) / f".bench_original_{args.num_samples}_{args.sample_steps}.pt"
+    if cache.is_file():
+        original = torch.load(cache, weights_only=True)
+    else:
+        original = samples(module, True, args.num_samples, args.sample_steps)
+        torch.save(original, cache)
+    start = time.perf_counter()
+    unlearned = samples(module, False, args.num_samples, args.sample_steps)
+    sample_seconds = time.perf_counter() - start
+
+    pul = PercentUnlearned(num_classes=10, forget_classes=[args.forget_class])
+    pul.update(classifier.predict_labels(original), classifier.predict_labels(unlearned))
+    train = data.load("train")
+    retained = train.labels != args.forget_class
+    real = torch.stack([train[i]["image"] for i in torch.nonzero(retained).flatten().tolist()])
+    fids = {}
+    for name, images in (("original", original), ("unlearned", unlearned)):
+        fid = UnlearnedFID(classifier=classifier, sampler="ddim", num_steps=args.sample_steps)
+        fid.update(real, real=True)
+        fid.update(images, real=False)
+        fids[name] = float(fid.compute())
+    hist_original, hist_unlearned = pul.histograms()
+    result = {
+        "args": vars(args), "fit_seconds": round(fit_seconds, 1),
+        "sample_seconds": round(sample_seconds, 1), "steps": trainer.global_step,
+        "pul": float(pul.compute()), "u_fid_name": fid.name, "u_fid": fids["unlearned"],
+        "u_fid_original": fids["original"], "u_fid_ratio": fids["unlearned"] / fids["original"],
+        "histogram_original": hist_original.tolist(),
+        "histogram_unlearned": hist_unlearned.tolist(),
+        "final_terms": {k: float(v) for k, v in module.loss_terms.items()},
+        "real_images": int(real.shape[0]),
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out, json.dumps(result, indent=2))
+    print(json.dumps({k: v for k, v in result.items() if k != "args"}))
+
+
+if __name__ == "__main__":
+    main()
