@@ -166,7 +166,7 @@ def test_unknown_config_key_is_refused(capsys) -> None:
 
 def test_tiny_pretrain_fits_in_bf16_mixed_with_csv_logs(tmp_path: Path) -> None:
     main(["fit", "--config", TINY_PRETRAIN, "--config", str(CONFIGS / "trainer" / "bf16.yaml"),
-          "--config", str(CONFIGS / "logger" / "csv.yaml"), "--trainer.max_steps=2",
+          "--config", str(CONFIGS / "logger" / "csv.yaml"), "--trainer.max_steps=4",
           "--trainer.limit_val_batches=1"])
     module = DiffusionModule.from_pretrained(tmp_path / "runs/tests/tiny_ddpm", sample_steps=2)
     assert all(torch.isfinite(p).all() for p in module.unet.parameters())
