@@ -134,17 +134,21 @@ class VDUModule(pl.LightningModule):
 
     def plasticity_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """P(θ) = −Σ_t C_t ‖ε − ε_θ(x_t, t[, c])‖² on a forget batch (t ~ U, ε ~ N(0, I))."""
+        predicted, noise, t = self._predict_noise_of(batch, self.noise.generator)
+        weights = self.weight_per_timestep.to(noise.device)[t]
+        return -denoising_error(predicted, noise, weights, self.hparams.reduction)
+
+    def _predict_noise_of(self, batch: dict[str, torch.Tensor],
+                          generator: torch.Generator | None) -> tuple[torch.Tensor, ...]:
+        """(ε_θ(x_t, t[, c]), ε, t) for a batch noised at t ~ U{0..T−1}, ε ~ N(0, I)."""
         images = batch["image"]
-        labels = batch["label"] if self.conditional else None
-        generator = self.noise.generator
         t = torch.randint(0, len(self.weight_per_timestep), (images.shape[0],),
                           device=images.device, generator=generator)
         noise = torch.randn(images.shape, device=images.device, generator=generator,
                             dtype=images.dtype)
+        labels = batch["label"] if self.conditional else None
         x_t = self.scheduler.add_noise(images, noise, t)
-        predicted = predict_noise(self.unet, x_t, t, labels)
-        weights = self.weight_per_timestep.to(images.device)[t]
-        return -denoising_error(predicted, noise, weights, self.hparams.reduction)
+        return predict_noise(self.unet, x_t, t, labels), noise, t
 
     # ---- the prior ------------------------------------------------------------------------
     def set_prior(self, prior: ParameterPrior) -> None:
@@ -210,13 +214,7 @@ class VDUModule(pl.LightningModule):
                          dataloader_idx: int) -> None:
         # The same noise and timesteps for a batch at every evaluation: comparable curves.
         generator = torch.Generator(self.device).manual_seed(batch_idx)
-        images = batch["image"]
-        t = torch.randint(0, len(self.weight_per_timestep), (images.shape[0],),
-                          device=images.device, generator=generator)
-        noise = torch.randn(images.shape, device=images.device, generator=generator)
-        labels = batch["label"] if self.conditional else None
-        predicted = predict_noise(self.unet, self.scheduler.add_noise(images, noise, t), t,
-                                  labels)
+        predicted, noise, _ = self._predict_noise_of(batch, generator)
         part = ("forget", "retain")[dataloader_idx] if dataloader_idx < 2 else str(dataloader_idx)
         self.log(f"{stage}/{part}_loss", denoising_error(predicted, noise), sync_dist=True,
                  add_dataloader_idx=False, prog_bar=part == "forget")
