@@ -21,16 +21,11 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
-from vdu_lightning import ClassifierModule, ForgetSetDataModule, VDUModule
+from paired_evaluation import evaluate
+
+from vdu_lightning import ForgetSetDataModule, VDUModule
 from vdu_lightning.callbacks import CheckpointPrior, UnlearningGuard
-from vdu_lightning.diffusion import seeded_noise
 from vdu_lightning.files import atomic_write_text
-from vdu_lightning.metrics import PercentUnlearned, UnlearnedFID
-
-
-def samples(module: VDUModule, original: bool, num: int, steps: int) -> torch.Tensor:
-    noise = seeded_noise(num, module.sample_shape, seed=0)
-    return module.sample_from(noise, original=original, num_steps=steps)
 
 
 def main() -> None:
@@ -63,38 +58,14 @@ def main() -> None:
     trainer.fit(module, datamodule=data)
     fit_seconds = time.perf_counter() - start
 
-    classifier = ClassifierModule.from_pretrained(args.classifier)
-    cache = Path(args.pretrained) / f".bench_original_{args.num_samples}_{args.sample_steps}.pt"
-    if cache.is_file():
-        original = torch.load(cache, weights_only=True)
-    else:
-        original = samples(module, True, args.num_samples, args.sample_steps)
-        torch.save(original, cache)
     start = time.perf_counter()
-    unlearned = samples(module, False, args.num_samples, args.sample_steps)
-    sample_seconds = time.perf_counter() - start
-
-    pul = PercentUnlearned(num_classes=10, forget_classes=[args.forget_class])
-    pul.update(classifier.predict_labels(original), classifier.predict_labels(unlearned))
-    train = data.load("train")
-    retained = train.labels != args.forget_class
-    real = torch.stack([train[i]["image"] for i in torch.nonzero(retained).flatten().tolist()])
-    fids = {}
-    for name, images in (("original", original), ("unlearned", unlearned)):
-        fid = UnlearnedFID(classifier=classifier, sampler="ddim", num_steps=args.sample_steps)
-        fid.update(real, real=True)
-        fid.update(images, real=False)
-        fids[name] = float(fid.compute())
-    hist_original, hist_unlearned = pul.histograms()
+    scores = evaluate(module, data, args.pretrained, args.classifier, args.num_samples,
+                      args.sample_steps)
+    evaluation_seconds = time.perf_counter() - start
     result = {
         "args": vars(args), "fit_seconds": round(fit_seconds, 1),
-        "sample_seconds": round(sample_seconds, 1), "steps": trainer.global_step,
-        "pul": float(pul.compute()), "u_fid_name": fid.name, "u_fid": fids["unlearned"],
-        "u_fid_original": fids["original"], "u_fid_ratio": fids["unlearned"] / fids["original"],
-        "histogram_original": hist_original.tolist(),
-        "histogram_unlearned": hist_unlearned.tolist(),
-        "final_terms": {k: float(v) for k, v in module.loss_terms.items()},
-        "real_images": int(real.shape[0]),
+        "evaluation_seconds": round(evaluation_seconds, 1), "steps": trainer.global_step,
+        **scores, "final_terms": {k: float(v) for k, v in module.loss_terms.items()},
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out, json.dumps(result, indent=2))

@@ -3,15 +3,31 @@
 __version__ = "0.1.0"
 
 from vdu_lightning.data import ForgetSetDataModule, ImageDataModule  # noqa: E402
-from vdu_lightning.modules import ClassifierModule, DiffusionModule, VDUModule  # noqa: E402
+from vdu_lightning.modules import (  # noqa: E402
+    ClassifierModule,
+    DiffusionModule,
+    EWCModule,
+    GradientAscentModule,
+    IsotropicAnchorModule,
+    RetainFinetuneModule,
+    SalUnModule,
+    UnlearningModule,
+    VDUModule,
+)
 from vdu_lightning.prior import ParameterPrior  # noqa: E402
 
 __all__ = [
     "ClassifierModule",
     "DiffusionModule",
+    "EWCModule",
     "ForgetSetDataModule",
+    "GradientAscentModule",
     "ImageDataModule",
+    "IsotropicAnchorModule",
     "ParameterPrior",
+    "RetainFinetuneModule",
+    "SalUnModule",
+    "UnlearningModule",
     "VDUModule",
     "__version__",
 ]

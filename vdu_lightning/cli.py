@@ -5,6 +5,7 @@
     vdu fit --config configs/mnist5k/pretrain.yaml --config configs/logger/wandb.yaml
     vdu fit --model vdu_lightning.DiffusionModule --print_config
     vdu prior --checkpoints a.ckpt b.ckpt c.ckpt --out prior.safetensors
+    vdu demo [--quick] [--forget-class 1] [--output vdu-demo]
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import vdu_lightning  # noqa: F401
 from vdu_lightning.callbacks.prior import CheckpointPrior
 from vdu_lightning.checkpoints import WEIGHT_PREFIXES
 from vdu_lightning.data.datamodules import VDUDataModule
-from vdu_lightning.prior import DEFAULT_MIN_VAR, SOURCES, ParameterPrior
+from vdu_lightning.prior import CHECKPOINT_SOURCES, DEFAULT_MIN_VAR, ParameterPrior
 
 
 class RunConfigSaver(SaveConfigCallback):
@@ -92,7 +93,7 @@ def prior_command(args: list[str]) -> None:
     )
     parser.add_argument("--checkpoints", nargs="+", required=True, help="K >= 2 checkpoints")
     parser.add_argument("--out", required=True, help="the prior file to write (.safetensors)")
-    parser.add_argument("--source", choices=SOURCES, default="trajectory",
+    parser.add_argument("--source", choices=CHECKPOINT_SOURCES, default="trajectory",
                         help="how the checkpoints relate (recorded in the file)")
     parser.add_argument("--include", nargs="+", default=None,
                         help="shell-style patterns of parameter names to cover (default: all)")
@@ -117,6 +118,11 @@ def main(args: list[str] | None = None) -> None:
     argv = sys.argv[1:] if args is None else list(args)
     if argv[:1] == ["prior"]:
         prior_command(argv[1:])
+        return
+    if argv[:1] == ["demo"]:
+        from vdu_lightning.demo import demo_command  # the demo's imports only when asked for
+
+        demo_command(argv[1:])
         return
     VDUCLI(args=args)
 

@@ -24,7 +24,10 @@ from vdu_lightning.checkpoints import read_unet_weights
 from vdu_lightning.files import atomic_file
 
 #: Where the K checkpoints come from (method.md §3); recorded in every prior file.
-SOURCES = ("independent", "trajectory", "finetune")
+CHECKPOINT_SOURCES = ("independent", "trajectory", "finetune")
+#: Also the priors of the peer methods: one constant variance (``isotropic``) and the
+#: inverse of EWC's Fisher (``fisher``); no checkpoints behind them.
+SOURCES = CHECKPOINT_SOURCES + ("isotropic", "fisher")
 #: Floor of σ*²: a parameter that never moved would otherwise get an infinite precision.
 #: 1e-8 is a standard deviation of 1e-4, below the step-to-step movement of Adam-trained
 #: weights at the usual learning rates, so only (nearly) frozen entries hit it.
@@ -233,8 +236,8 @@ class ParameterPrior:
         Every file is checked to exist before any is read. See ``read_unet_weights`` for the
         accepted sources and ``weights``.
         """
-        if source not in SOURCES:
-            raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
+        if source not in CHECKPOINT_SOURCES:
+            raise ValueError(f"source must be one of {CHECKPOINT_SOURCES}, got {source!r}")
         if len(paths) < 2:
             raise ValueError(f"a prior needs at least 2 checkpoints, got {len(paths)}")
         missing = [str(p) for p in paths if not Path(p).exists()]

@@ -11,7 +11,12 @@ import torch
 from diffusers import DDPMPipeline
 
 from conftest import CONFIGS, REPO
-from vdu_lightning import ClassifierModule, DiffusionModule, ParameterPrior, VDUModule
+from vdu_lightning import (
+    ClassifierModule,
+    DiffusionModule,
+    ParameterPrior,
+    UnlearningModule,
+)
 from vdu_lightning.cli import VDUCLI, main
 from vdu_lightning.modules.compat import check_data_fits_model
 
@@ -112,11 +117,36 @@ def stand_in_models(tmp_path: Path) -> None:
         VDUCLI(args=["--config", str(config)], run=False).model.save_pretrained(tmp_path / path)
 
 
+PEER_CONFIGS = ["gradient_ascent", "anchor", "ewc", "salun", "retain_finetune"]
+#: Small enough for a test: EWC's Fisher and replay set on a handful of samples.
+PEER_OVERRIDES = {"ewc": ["--model.init_args.fisher_samples=2",
+                          "--model.init_args.fisher_timesteps=3",
+                          "--model.init_args.replay_samples=8",
+                          "--model.init_args.sample_steps=2"]}
+
+
+@pytest.mark.parametrize("method", PEER_CONFIGS)
+def test_every_peer_config_runs_a_few_steps_and_changes_the_model(
+        method: str, tmp_path: Path, stand_in_models: None) -> None:
+    VDUCLI(args=["--config", str(CONFIGS / "mnist5k" / "classifier.yaml")],
+           run=False).model.save_pretrained(tmp_path / "runs/mnist5k/classifier")
+    main(["fit", "--config", str(CONFIGS / "mnist5k" / f"{method}.yaml"),
+          "--trainer.max_steps=2", "--trainer.accelerator=cpu",
+          "--trainer.enable_progress_bar=false"] + PEER_OVERRIDES.get(method, []))
+    original = DDPMPipeline.from_pretrained(tmp_path / "runs/mnist5k/ddpm",
+                                            local_files_only=True).unet
+    unlearned = DDPMPipeline.from_pretrained(tmp_path / f"runs/mnist5k/{method}_forget1",
+                                             local_files_only=True).unet
+    changed = [name for name, p in unlearned.named_parameters()
+               if not torch.equal(p, original.get_parameter(name))]
+    assert changed
+
+
 @pytest.mark.parametrize("config", JOB_CONFIGS, ids=lambda p: str(p.relative_to(CONFIGS)))
 def test_every_job_config_instantiates(config: Path, stand_in_models: None) -> None:
     cli = VDUCLI(args=["--config", str(config)], run=False)
     # The data fit the model: the shape check fit() would run, done here without training.
-    if isinstance(cli.model, (DiffusionModule, VDUModule)):
+    if isinstance(cli.model, (DiffusionModule, UnlearningModule)):
         check_data_fits_model(cli.datamodule, cli.model.sample_shape, "the UNet")
     else:
         assert cli.model.hparams.in_channels == cli.datamodule.channels

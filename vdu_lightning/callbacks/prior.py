@@ -18,8 +18,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from vdu_lightning.checkpoints import WEIGHT_PREFIXES
 from vdu_lightning.losses import check_choice
 from vdu_lightning.prior import (
+    CHECKPOINT_SOURCES,
     DEFAULT_MIN_VAR,
-    SOURCES,
     ParameterPrior,
     RunningMoments,
     select_names,
@@ -202,7 +202,7 @@ class CheckpointPrior(pl.Callback):
         if (checkpoints is None) == (prior is None):
             raise ValueError("CheckpointPrior needs exactly one of `checkpoints` (K files or "
                              "directories) or `prior` (a prior file)")
-        check_choice("source", source, SOURCES)
+        check_choice("source", source, CHECKPOINT_SOURCES)
         check_choice("weights", weights, list(WEIGHT_PREFIXES))
         self.checkpoints = list(checkpoints) if checkpoints is not None else None
         self.prior_path = prior

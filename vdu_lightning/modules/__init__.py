@@ -1,7 +1,17 @@
-"""LightningModules: DDPM pre-training, the evaluation classifier, VDU unlearning."""
+"""LightningModules: DDPM pre-training, the evaluation classifier, VDU and its peers."""
 
 from vdu_lightning.modules.classifier import ClassifierModule
 from vdu_lightning.modules.diffusion import DiffusionModule
+from vdu_lightning.modules.peers import (
+    EWCModule,
+    GradientAscentModule,
+    IsotropicAnchorModule,
+    RetainFinetuneModule,
+    SalUnModule,
+)
+from vdu_lightning.modules.unlearning import UnlearningModule
 from vdu_lightning.modules.vdu import VDUModule
 
-__all__ = ["ClassifierModule", "DiffusionModule", "VDUModule"]
+__all__ = ["ClassifierModule", "DiffusionModule", "EWCModule", "GradientAscentModule",
+           "IsotropicAnchorModule", "RetainFinetuneModule", "SalUnModule", "UnlearningModule",
+           "VDUModule"]

@@ -1,0 +1,211 @@
+"""VDU and its peers (method.md §7) on one pre-trained model, forget set and step budget.
+
+    python benchmarks/unlearning.py --seeds 0 1 2 --workers 2 \
+        --out runs/bench/unlearning.json --plot docs/images/unlearning_pul_vs_ufid.png
+
+Each method's hyperparameters are those of its config, configs/mnist5k/<method>.yaml
+(model and data ``init_args``); the benchmark overrides only the pre-trained model, the step
+budget and the seed. Every (method, seed) runs in a fresh process (``--run``), so its peak
+memory is its own; ``--workers`` runs that many at once with one torch thread each. Measured:
+the time before the first step (what a method computes first: SalUn's mask, EWC's Fisher and
+replay set), the training time, the peak memory, and the paired evaluation of
+paired_evaluation.py (PUL, u-FID and its ratio to the original's, retained-class drift).
+VDU's prior comes from ``PriorSnapshot`` during pre-training: its cost is the overhead.py
+build time, not counted here. ``--tiny`` runs on a given tiny model for the tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import yaml
+
+from paired_evaluation import evaluate
+
+from vdu_lightning import ForgetSetDataModule, ParameterPrior
+from vdu_lightning.callbacks import UnlearningGuard
+from vdu_lightning.files import atomic_file, atomic_write_text
+
+REPO = Path(__file__).resolve().parents[1]
+METHODS = ("vdu", "gradient_ascent", "anchor", "ewc", "salun", "retain_finetune")
+
+
+class Clock(pl.Callback):
+    """Seconds from fit's start to the first step (a method's preparation), then to the end."""
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.start = time.perf_counter()
+        self.first_step: float | None = None
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        if self.first_step is None:
+            self.first_step = time.perf_counter()
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.end = time.perf_counter()
+
+
+def method_config(method: str, configs: Path) -> dict[str, Any]:
+    config = yaml.safe_load((configs / f"{method}.yaml").read_text())
+    return {"model": config["model"], "data": config["data"]["init_args"],
+            "callbacks": config["trainer"]["callbacks"]}
+
+
+def run_one(args: argparse.Namespace) -> dict[str, Any]:
+    """One (method, seed): fit, evaluate, and report; runs in its own process."""
+    torch.set_num_threads(args.threads)
+    config = method_config(args.run, Path(args.configs))
+    pl.seed_everything(args.seed, verbose=False)
+    data_args = {**config["data"], **json.loads(args.data_overrides)}
+    data = ForgetSetDataModule(**data_args)
+    module_path, name = config["model"]["class_path"].rsplit(".", 1)
+    init = {**config["model"]["init_args"], "pretrained": args.pretrained,
+            **json.loads(args.model_overrides)}
+    module = getattr(importlib.import_module(module_path), name)(**init)
+    if args.run == "vdu":
+        module.set_prior(ParameterPrior.load(args.prior))
+    clock = Clock()
+    trainer = pl.Trainer(accelerator=args.accelerator, devices=1, max_steps=args.max_steps,
+                         logger=False, enable_checkpointing=False, limit_val_batches=0,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[clock, UnlearningGuard()])
+    trainer.fit(module, datamodule=data)
+    scores = evaluate(module, data, args.pretrained, args.classifier, args.num_samples,
+                      args.sample_steps)
+    peak = (torch.cuda.max_memory_allocated() if torch.cuda.is_available() else
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return {
+        "method": args.run, "seed": args.seed, "class": type(module).__name__,
+        "data_constrained": bool(module.data_constrained), "steps": trainer.global_step,
+        "prepare_seconds": round(clock.first_step - clock.start, 1),
+        "train_seconds": round(clock.end - clock.first_step, 1),
+        "peak_memory_mb": round(peak / 2**20, 1),
+        "peak_memory_kind": "cuda allocated" if torch.cuda.is_available() else "process RSS",
+        "final_terms": {k: float(v) for k, v in module.loss_terms.items()},
+        "hyperparameters": init, **scores,
+    }
+
+
+def launch(args: argparse.Namespace, method: str, seed: int) -> dict[str, Any]:
+    command = [sys.executable, __file__, "--run", method, "--seed", str(seed)]
+    for key in ("pretrained", "classifier", "prior", "configs", "max_steps", "num_samples",
+                "sample_steps", "threads", "accelerator", "model_overrides", "data_overrides"):
+        command += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{method} seed {seed} failed:\n{done.stderr[-3000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    print(f"{method:16s} seed {seed}: PUL {result['pul']:6.1f}%  u-FID {result['u_fid']:7.2f} "
+          f"(x{result['u_fid_ratio']:.2f})  {result['train_seconds']:.0f} s", flush=True)
+    return result
+
+
+def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for method in dict.fromkeys(r["method"] for r in results):
+        mine = [r for r in results if r["method"] == method]
+
+        def stat(key: str) -> tuple[float, float]:
+            values = [r[key] for r in mine]
+            return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+        rows.append({"method": method, "class": mine[0]["class"], "seeds": len(mine),
+                     "data_constrained": mine[0]["data_constrained"],
+                     **{key: stat(key) for key in ("pul", "u_fid", "u_fid_ratio",
+                                                   "retained_drift", "train_seconds",
+                                                   "prepare_seconds", "peak_memory_mb")}})
+    return rows
+
+
+def markdown(rows: list[dict[str, Any]], original_fid: float) -> str:
+    lines = ["| method | data | PUL % | u-FID | u-FID / original | retained drift | train s | "
+             "before the first step s | peak MB |", "|---" * 9 + "|"]
+    for r in rows:
+        data = "D_f only" if r["data_constrained"] else "**needs D_r**"
+        cells = [f"{m:.1f} ± {s:.1f}" if k not in ("u_fid_ratio", "retained_drift") else
+                 f"{m:.2f} ± {s:.2f}" for k, (m, s) in
+                 ((k, r[k]) for k in ("pul", "u_fid", "u_fid_ratio", "retained_drift",
+                                      "train_seconds", "prepare_seconds"))]
+        lines.append(f"| {r['method']} | {data} | " + " | ".join(cells) +
+                     f" | {r['peak_memory_mb'][0]:.0f} |")
+    lines.append(f"\nOriginal model's u-FID: {original_fid:.2f}.")
+    return "\n".join(lines)
+
+
+def scatter(results: list[dict[str, Any]], path: str) -> None:
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6.0, 4.2), layout="constrained")
+    axes = figure.subplots()
+    for index, method in enumerate(dict.fromkeys(r["method"] for r in results)):
+        mine = [r for r in results if r["method"] == method]
+        axes.scatter([r["pul"] for r in mine], [r["u_fid"] for r in mine], label=method,
+                     color=f"C{index}", marker="o" if mine[0]["data_constrained"] else "s",
+                     facecolors="none" if not mine[0]["data_constrained"] else f"C{index}")
+    axes.axhline(results[0]["u_fid_original"], color="grey", linestyle="--",
+                 label="original model")
+    axes.set_xlabel("PUL (%)  →  forgets more")
+    axes.set_ylabel("u-FID  (lower is better)")
+    axes.set_yscale("log")
+    axes.legend(fontsize=8, title="hollow squares need D_r", title_fontsize=8)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--pretrained", default="runs/mnist5k/ddpm")
+    parser.add_argument("--classifier", default="runs/mnist5k/classifier")
+    parser.add_argument("--prior", default="runs/mnist5k/prior_trajectory.safetensors")
+    parser.add_argument("--configs", default=str(REPO / "configs" / "mnist5k"))
+    parser.add_argument("--max-steps", type=int, default=120, help="as configs/mnist5k")
+    parser.add_argument("--num-samples", type=int, default=500)
+    parser.add_argument("--sample-steps", type=int, default=25)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    parser.add_argument("--workers", type=int, default=1, help="runs at once")
+    parser.add_argument("--accelerator", default="cpu")
+    parser.add_argument("--model-overrides", default="{}", help="JSON, for every method")
+    parser.add_argument("--data-overrides", default="{}", help="JSON, for every method")
+    parser.add_argument("--out", default="runs/bench/unlearning.json")
+    parser.add_argument("--plot", default=None, help="the PUL-versus-u-FID scatter (PNG)")
+    parser.add_argument("--run", choices=METHODS, help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.run:
+        print(json.dumps(run_one(args)))
+        return
+
+    start = time.perf_counter()
+    jobs = [(m, s) for s in args.seeds for m in args.methods]
+    # The first run of a method may fill caches (the original's samples, EWC's Fisher file)
+    # that the others read: it goes first, alone.
+    first = launch(args, *jobs[0])
+    with ThreadPoolExecutor(args.workers) as pool:
+        results = [first] + list(pool.map(lambda job: launch(args, *job), jobs[1:]))
+    rows = summarise(results)
+    table = markdown(rows, results[0]["u_fid_original"])
+    print(table)
+    report = {"args": vars(args), "wall_seconds": round(time.perf_counter() - start, 1),
+              "runs": results, "summary": rows, "table": table}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out, json.dumps(report, indent=2))
+    if args.plot:
+        scatter(results, args.plot)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""``vdu demo --quick``: every file of the report, sane contents, and the cache reused."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import yaml
+from diffusers import DDIMPipeline
+from PIL import Image
+
+from conftest import CONFIGS
+from vdu_lightning.cli import main
+from vdu_lightning.demo import FULL
+
+
+def test_the_quick_demo_writes_the_report_and_a_second_run_reuses_the_cache(
+        tmp_path: Path, capsys) -> None:
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    main(["demo", "--quick", "--output", str(out), "--cache-dir", str(cache),
+          "--forget-class", "3", "--accelerator", "cpu"])
+    first = capsys.readouterr().out
+    assert "[1/4] pre-train the DDPM and collect the prior: 40 steps" in first
+    assert "[2/4] train the evaluation classifier: held-out accuracy" in first
+
+    for name in ("before_after.png", "histogram.png"):
+        with Image.open(out / name) as image:
+            image.load()
+            assert min(image.size) > 16
+    report = json.loads((out / "metrics.json").read_text())
+    evaluation = report["evaluation"]
+    assert report["forget_class"] == 3 and evaluation["forget_classes"] == [3]
+    metrics = evaluation["metrics"]
+    # PUL is undefined (NaN) only when the original made no sample of the digit.
+    if evaluation["histograms"]["original"][3] == 0:
+        assert math.isnan(metrics["pul"])
+    else:
+        assert -math.inf < metrics["pul"] <= 100.0
+    fid = evaluation["fid_name"]
+    assert metrics[fid] > 0 and metrics["original/" + fid] > 0
+    for model in ("original", "unlearned"):
+        assert sum(evaluation["histograms"][model]) == evaluation["num_samples"] == 64
+    assert 0.0 <= metrics["forget_fraction_unlearned"] <= 1.0
+    text = (out / "report.md").read_text()
+    assert "![before and after](before_after.png)" in text and "u-FID" in text
+    assert "digit 3" in text
+
+    pipeline = DDIMPipeline.from_pretrained(out / "model", local_files_only=True)
+    images = pipeline(batch_size=2, num_inference_steps=2, output_type="np",
+                      generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (2, 8, 8, 1)
+
+    main(["demo", "--quick", "--output", str(out), "--cache-dir", str(cache),
+          "--forget-class", "3", "--accelerator", "cpu"])
+    second = capsys.readouterr().out
+    assert "[1/4] pre-train the DDPM and collect the prior: cached in" in second
+    assert "[2/4] train the evaluation classifier: cached in" in second
+
+
+def test_a_bad_forget_class_is_refused_before_any_work(tmp_path: Path, capsys) -> None:
+    try:
+        main(["demo", "--quick", "--forget-class", "12", "--output", str(tmp_path / "o"),
+              "--cache-dir", str(tmp_path / "c")])
+    except SystemExit as exit_info:
+        assert exit_info.code == 2
+    assert "--forget-class must be a digit 0-9, got 12" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists() and not (tmp_path / "o").exists()
+
+
+def test_the_full_budget_is_the_one_of_the_mnist5k_configs() -> None:
+    pretrain = yaml.safe_load((CONFIGS / "mnist5k" / "pretrain.yaml").read_text())
+    model = pretrain["model"]["init_args"]
+    assert FULL.unet == model["unet"]
+    assert (FULL.pretrain_steps, FULL.pretrain_lr, FULL.warmup_steps, FULL.ema_decay) == (
+        pretrain["trainer"]["max_steps"], model["lr"], model["warmup_steps"],
+        model["ema_decay"])
+    assert FULL.pretrain_batch_size == pretrain["data"]["init_args"]["batch_size"]
+    snapshot = next(c["init_args"] for c in pretrain["trainer"]["callbacks"]
+                    if c["class_path"].endswith("PriorSnapshot"))
+    assert (FULL.snapshot_every, FULL.snapshot_start) == (snapshot["every_n_steps"],
+                                                          snapshot["start_step"])
+    vdu = yaml.safe_load((CONFIGS / "mnist5k" / "vdu.yaml").read_text())
+    assert (FULL.gamma, FULL.lr, FULL.unlearn_steps) == (
+        vdu["model"]["init_args"]["gamma"], vdu["model"]["init_args"]["lr"],
+        vdu["trainer"]["max_steps"])
