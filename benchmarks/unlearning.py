@@ -11,7 +11,8 @@ the time before the first step (what a method computes first: SalUn's mask, EWC'
 replay set), the training time, the peak memory, and the paired evaluation of
 paired_evaluation.py (PUL, u-FID and its ratio to the original's, retained-class drift).
 VDU's prior comes from ``PriorSnapshot`` during pre-training: its cost is the overhead.py
-build time, not counted here. ``--tiny`` runs on a given tiny model for the tests.
+build time, not counted here. ``--model-overrides`` / ``--data-overrides`` (JSON) change
+every method's arguments, e.g. for the test that runs it on a tiny model.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import argparse
 import importlib
 import json
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -118,8 +118,10 @@ def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         mine = [r for r in results if r["method"] == method]
 
         def stat(key: str) -> tuple[float, float]:
-            values = [r[key] for r in mine]
-            return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+            # Not statistics.stdev: it fails on NaN (PUL when the original drew no forget class).
+            values = torch.tensor([float(r[key]) for r in mine], dtype=torch.float64)
+            spread = float(values.std()) if len(values) > 1 else 0.0
+            return float(values.mean()), spread
         rows.append({"method": method, "class": mine[0]["class"], "seeds": len(mine),
                      "data_constrained": mine[0]["data_constrained"],
                      **{key: stat(key) for key in ("pul", "u_fid", "u_fid_ratio",

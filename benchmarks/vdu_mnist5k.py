@@ -36,6 +36,8 @@ def main() -> None:
     parser.add_argument("--forget-class", type=int, default=1)
     parser.add_argument("--gamma", type=float, default=0.9)
     parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--optimizer", default="adam", choices=["adam", "adamw", "sgd"])
+    parser.add_argument("--timestep-weighting", default="simple", choices=["simple", "elbo"])
     parser.add_argument("--max-steps", type=int, default=400)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--num-samples", type=int, default=1000)
@@ -49,7 +51,8 @@ def main() -> None:
     pl.seed_everything(0)
     data = ForgetSetDataModule(dataset="mnist5k", image_size=16, batch_size=args.batch_size,
                                forget_classes=[args.forget_class], forget_size=500)
-    module = VDUModule(args.pretrained, gamma=args.gamma, lr=args.lr)
+    module = VDUModule(args.pretrained, gamma=args.gamma, lr=args.lr, optimizer=args.optimizer,
+                       timestep_weighting=args.timestep_weighting)
     trainer = pl.Trainer(max_steps=args.max_steps, logger=False, enable_checkpointing=False,
                          limit_val_batches=0, enable_progress_bar=False,
                          enable_model_summary=False,

@@ -251,8 +251,8 @@ What was done (budget `{budget['name']}`, seed {report['seed']}):
 
 {chr(10).join('- ' + line for line in summaries)}
 
-The model is a DDPM pre-trained on mnist5k ({budget['image_size']}×{budget['image_size']});
-the prior is {report['prior']}. VDU minimised γ·S + (1−γ)·P with γ = {budget['gamma']},
+The model is a DDPM pre-trained on mnist5k ({budget['image_size']}×{budget['image_size']}).
+VDU's {report['prior']}. VDU minimised γ·S + (1−γ)·P with γ = {budget['gamma']},
 lr {budget['lr']}, {budget['unlearn_steps']} steps on at most {budget['forget_size']} images of
 digit {forget}, and nothing else (no retain data).
 

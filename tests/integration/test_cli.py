@@ -152,6 +152,9 @@ def test_every_job_config_instantiates(config: Path, stand_in_models: None) -> N
         assert cli.model.hparams.in_channels == cli.datamodule.channels
     cli.datamodule.setup("fit")
     batch = next(iter(cli.datamodule.train_dataloader()))
+    if isinstance(batch, tuple):  # a CombinedLoader (forget + retain) yields (batch, idx, idx)
+        assert batch[0]["retain"]["image"].shape == batch[0]["forget"]["image"].shape
+        batch = batch[0]["forget"]
     assert cli.model.hparams.get("num_classes") in (None, 10)
     assert batch["image"].shape[1:] == (cli.datamodule.channels,) + (
         cli.datamodule.resolved_image_size,) * 2
