@@ -22,7 +22,10 @@ from vdu_lightning.metrics import PercentUnlearned, UnlearnedFID
 def paired_samples(module: Any, pretrained: str, num: int, steps: int) -> tuple[torch.Tensor, ...]:
     """(original, unlearned) DDIM samples from the same noises (seed 0)."""
     noise = seeded_noise(num, module.sample_shape, seed=0)
-    cache = Path(pretrained) / f".bench_original_{num}_{steps}.pt"
+    source = Path(pretrained)
+    # Beside a checkpoint file, inside a diffusers directory.
+    folder, prefix = (source.parent, f".{source.name}") if source.is_file() else (source, "")
+    cache = folder / f"{prefix}.bench_original_{num}_{steps}.pt"
     if cache.is_file():
         original = torch.load(cache, weights_only=True)
     else:
@@ -54,7 +57,7 @@ def evaluate(module: Any, data: Any, pretrained: str, classifier_dir: str, num: 
     keep[forget] = False
     # Total variation between the retained-class distributions: 0 = the same mix of digits.
     p, q = hist_original[keep], hist_unlearned[keep]
-    drift = 0.5 * float((p / p.sum() - q / q.sum().clamp_min(1)).abs().sum())
+    drift = 0.5 * float((p / p.sum().clamp_min(1) - q / q.sum().clamp_min(1)).abs().sum())
     return {
         "pul": float(pul.compute()), "u_fid_name": fid.name, "u_fid": fids["unlearned"],
         "u_fid_original": fids["original"], "u_fid_ratio": fids["unlearned"] / fids["original"],

@@ -193,11 +193,14 @@ def main() -> None:
 
     start = time.perf_counter()
     jobs = [(m, s) for s in args.seeds for m in args.methods]
-    # The first run of a method may fill caches (the original's samples, EWC's Fisher file)
-    # that the others read: it goes first, alone.
-    first = launch(args, *jobs[0])
+    # The first seed of each method fills the caches the others read (the original's
+    # samples, EWC's Fisher file): the very first run goes alone, then the rest of the
+    # first seed, then the other seeds.
+    first_seed = [job for job in jobs if job[1] == args.seeds[0]]
+    results = [launch(args, *jobs[0])]
     with ThreadPoolExecutor(args.workers) as pool:
-        results = [first] + list(pool.map(lambda job: launch(args, *job), jobs[1:]))
+        for batch in (first_seed[1:], jobs[len(first_seed):]):
+            results += list(pool.map(lambda job: launch(args, *job), batch))
     rows = summarise(results)
     table = markdown(rows, results[0]["u_fid_original"])
     print(table)

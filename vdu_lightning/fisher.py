@@ -77,7 +77,7 @@ def diagonal_fisher(
             noise = torch.randn(x0.shape, generator=generator).to(device)
             label = None if labels is None else labels[index].to(device).expand(len(t))
             predicted = predict_noise(unet, scheduler.add_noise(x0, noise, t), t, label)
-            loss = scale * (predicted.float() - noise).pow(2).flatten(1).mean(1).sum()
+            loss = scale * (predicted.float() - noise).pow(2).sum()
             for g, d in zip(grads, torch.autograd.grad(loss, parameters, allow_unused=True)):
                 if d is not None:
                     g.add_(d.float())

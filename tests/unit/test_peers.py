@@ -21,6 +21,7 @@ from vdu_lightning import (
 )
 from vdu_lightning.diffusion import predict_noise
 from vdu_lightning.fisher import diagonal_fisher, fisher_timesteps
+from vdu_lightning.modules.peers.salun import saliency_mask
 
 
 @pytest.fixture
@@ -132,7 +133,7 @@ def test_the_fisher_is_the_mean_squared_gradient_of_each_sample_summed_over_t() 
         noise = torch.cat([torch.randn(len(chunk), 1, 8, 8, generator=generator)
                            for chunk in t.split(2)])
         x_t = scheduler.add_noise(image.expand(5, 1, 8, 8), noise, t)
-        loss = 2.0 * ((predict_noise(unet, x_t, t) - noise) ** 2).mean(dim=(1, 2, 3)).sum()
+        loss = 2.0 * ((predict_noise(unet, x_t, t) - noise) ** 2).sum()  # Σ_t ‖·‖²
         unet.zero_grad()
         loss.backward()
         for n, p in unet.named_parameters():
@@ -153,13 +154,44 @@ def test_ewc_penalty_is_lambda_fisher_weighted_and_the_fisher_file_is_reused(
     fisher = {n: 0.5 / v for n, v in module.prior.var.items()}
     expected = 3.0 * sum(float((fisher[n] * (p.detach() - before[n]) ** 2).sum())
                          for n, p in module.unet.named_parameters())
-    assert float(module.stability_loss().detach()) == pytest.approx(expected, rel=1e-4)
+    pixels = 1 * 8 * 8  # reduction="mean": the penalty of per-image sums ÷ D
+    assert float(module.stability_loss().detach()) == pytest.approx(expected / pixels, rel=1e-4)
     assert set(module.loss_terms) == {"plasticity", "ewc", "loss"}
 
     again = EWCModule(str(pretrained), fisher_samples=2, fisher_timesteps=4,
                       fisher_path=str(path), sample_steps=2)
     fit(tmp_path, again, forget_data(), steps=1)
     assert all(torch.equal(again.prior.var[n], module.prior.var[n]) for n in fisher)
+
+    # The cached Fisher belongs to the pre-trained weights: the unlearned model's is refused.
+    module.save_pretrained(tmp_path / "moved")
+    other = EWCModule(str(tmp_path / "moved"), fisher_samples=2, fisher_timesteps=4,
+                      fisher_path=str(path), sample_steps=2)
+    with pytest.raises(ValueError, match="about other weights, not the Fisher of this model"):
+        fit(tmp_path, other, forget_data(), steps=1)
+
+
+def test_every_peer_rebuilds_from_its_hyperparameters(pretrained: Path) -> None:
+    """What load_from_checkpoint does: cls(**hparams)."""
+    for cls, kwargs in ((GradientAscentModule, {}), (IsotropicAnchorModule, {"gamma": 0.8}),
+                        (EWCModule, {"ewc_weight": 2.0}), (SalUnModule, {"saliency": 0.3}),
+                        (RetainFinetuneModule, {})):
+        module = cls(str(pretrained), lr=1e-3, **kwargs)
+        rebuilt = cls(**module.hparams)
+        assert dict(rebuilt.hparams) == dict(module.hparams)
+        assert "gamma" not in EWCModule(str(pretrained)).hparams
+
+
+def test_ewc_without_a_prior_says_what_to_add(pretrained: Path) -> None:
+    with pytest.raises(RuntimeError, match="EWCModule has no prior"):
+        EWCModule(str(pretrained)).stability_loss()
+
+
+def test_saliency_ties_do_not_let_more_weights_move(pretrained: Path) -> None:
+    mask = saliency_mask({"a": torch.zeros(10), "b": torch.tensor([0.0, 1.0])}, 0.5)
+    assert int(mask["a"].sum() + mask["b"].sum()) == 6 and bool(mask["b"][1])
+    with pytest.raises(ValueError, match="needs weight_decay=0"):
+        SalUnModule(str(pretrained), weight_decay=1e-2)
 
 
 def test_ewc_replays_generated_samples_the_classifier_keeps(tmp_path: Path,

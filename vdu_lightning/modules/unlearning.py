@@ -63,6 +63,9 @@ class UnlearningModule(pl.LightningModule):
     #: Whether the method needs nothing but the forget set (tables mark the ones that
     #: also need the retain data D_r).
     data_constrained: bool = True
+    #: Arguments a subclass fixes when it calls its parent (not its own hyperparameters):
+    #: left out of ``hparams`` so that ``load_from_checkpoint`` can rebuild the module.
+    fixed_parent_arguments: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -83,7 +86,7 @@ class UnlearningModule(pl.LightningModule):
         check_choice("timestep_weighting", timestep_weighting, TIMESTEP_WEIGHTINGS)
         check_choice("reduction", reduction, REDUCTIONS)
         # Collects the arguments of every subclass's __init__ too.
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=list(self.fixed_parent_arguments))
         self.unet, self.scheduler, self.num_classes = self.load_model()
         # diffusers loads models in eval mode, and Lightning keeps the mode it finds.
         self.unet.train()

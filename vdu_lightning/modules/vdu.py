@@ -72,9 +72,6 @@ class VDUModule(UnlearningModule):
 
     def stability_loss(self) -> torch.Tensor:
         """S(θ) = Σ (θ − μ*)² / (2σ*²) (÷ entries for ``mean``), in fp32, one fused pass."""
-        if self.prior is None:
-            raise RuntimeError(f"{type(self).__name__} has no prior: add the CheckpointPrior "
-                               "callback or call set_prior() before fit")
         params, means, inv_stds = self._prior_tensors()
         return stability_penalty(params, means, inv_stds, self.hparams.reduction)
 
@@ -99,6 +96,9 @@ class VDUModule(UnlearningModule):
 
     def _prior_tensors(self) -> tuple[list[torch.Tensor], ...]:
         """Parameters, μ* and 1/σ* aligned, on the parameters' device (cached)."""
+        if self.prior is None:
+            raise RuntimeError(f"{type(self).__name__} has no prior: add the CheckpointPrior "
+                               "callback or call set_prior() before fit")
         device = next(self.unet.parameters()).device
         if self._prior_cache is None or self._prior_cache[0] != device:
             prior = self.prior.to(device)

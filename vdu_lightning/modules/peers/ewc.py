@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -46,10 +47,17 @@ class EWCModule(VDUModule):
         replay_weight: the weight of the replay term.
         replay_classifier: a ``ClassifierModule`` directory (unconditional replay).
 
+    **Scale.** F is the Fisher of ℓ(x) = Σ_t ‖ε − ε_θ(x_t, t)‖² (summed over pixels, as in
+    the method), so with ``reduction="sum"`` the penalty is λ·Σ F (θ − θ*)² as published; with
+    ``mean`` (per-pixel losses) it is divided by the pixels per image D, which keeps the ratio
+    of forget term to penalty that the per-image sums have.
+
     Example:
         >>> module = EWCModule("runs/mnist5k/ddpm", ewc_weight=10.0, fisher_samples=64)
         ... # doctest: +SKIP
     """
+
+    fixed_parent_arguments = ("gamma",)
 
     def __init__(
         self,
@@ -71,7 +79,7 @@ class EWCModule(VDUModule):
             raise ValueError(f"fisher_samples must be at least 1, got {fisher_samples!r}")
         if replay_samples < 0:
             raise ValueError(f"replay_samples must be >= 0, got {replay_samples!r}")
-        # γ is VDU's and unused here: EWC weighs its terms with λ and replay_weight.
+        # γ is VDU's and unused here (EWC weighs its terms with λ and replay_weight).
         super().__init__(pretrained, gamma=0.5, **kwargs)
         if forget_objective == "surrogate" and not self.conditional:
             raise ValueError("forget_objective='surrogate' maps the forgotten labels to noise "
@@ -93,14 +101,20 @@ class EWCModule(VDUModule):
 
     def _fisher_prior(self) -> ParameterPrior:
         path = self.hparams.fisher_path
+        hp = self.hparams
         if path and Path(path).is_file():
             prior = ParameterPrior.load(path)
-            if prior.source != "fisher":
-                raise ValueError(f"fisher_path {path} holds a {prior.source!r} prior, not a "
-                                 "Fisher: give a new path, or delete the file")
+            theta_star = dict(self.unet.named_parameters())
+            other_model = [n for n in prior.names
+                           if not torch.equal(prior.mean[n], theta_star[n].detach().float())]
+            if prior.source != "fisher" or other_model or prior.count != hp.fisher_samples:
+                raise ValueError(
+                    f"fisher_path {path} holds a {prior.source!r} prior of {prior.count} "
+                    f"samples{' about other weights' if other_model else ''}, not the Fisher "
+                    f"of this model on {hp.fisher_samples} samples: give a new path, or "
+                    "delete the file")
             rank_zero_info(f"EWC: Fisher read from {path}")
             return prior
-        hp = self.hparams
         images = self.sample(hp.fisher_samples, seed=1, original=True)
         labels = (torch.arange(len(images)) % self.num_classes) if self.conditional else None
         fisher = diagonal_fisher(self.unet, self.scheduler, images, labels,
@@ -133,9 +147,12 @@ class EWCModule(VDUModule):
 
     # ---- the objective --------------------------------------------------------------------
     def stability_loss(self) -> torch.Tensor:
-        """λ·Σ F (θ − θ*)² (summed over parameters, as published)."""
+        """λ·Σ F (θ − θ*)² (summed over parameters, as published; ÷ D for ``mean``)."""
         params, means, inv_stds = self._prior_tensors()
-        return self.hparams.ewc_weight * stability_penalty(params, means, inv_stds, "sum")
+        penalty = self.hparams.ewc_weight * stability_penalty(params, means, inv_stds, "sum")
+        if self.hparams.reduction == "mean":
+            penalty = penalty / math.prod(self.sample_shape)
+        return penalty
 
     def surrogate_loss(self, forget: dict[str, torch.Tensor]) -> torch.Tensor:
         """The denoising error of uniform noise images under the forgotten labels."""

@@ -26,8 +26,14 @@ def saliency_mask(gradients: dict[str, torch.Tensor], fraction: float) -> dict[s
     """
     magnitudes = torch.cat([g.abs().flatten().float().cpu() for g in gradients.values()])
     keep = max(1, round(fraction * magnitudes.numel()))
-    threshold = magnitudes.kthvalue(magnitudes.numel() - keep + 1).values
-    return {name: g.abs().float() >= threshold.to(g.device) for name, g in gradients.items()}
+    # Indices, not a threshold: ties (e.g. many zero gradients) must not let more move.
+    flat = torch.zeros(magnitudes.numel(), dtype=torch.bool)
+    flat[magnitudes.topk(keep).indices] = True
+    masks, start = {}, 0
+    for name, g in gradients.items():
+        masks[name] = flat[start:start + g.numel()].view(g.shape).to(g.device)
+        start += g.numel()
+    return masks
 
 
 class SalUnModule(UnlearningModule):
@@ -57,12 +63,12 @@ class SalUnModule(UnlearningModule):
             raise ValueError(f"saliency must be in (0, 1], got {saliency!r}")
         if retain_weight < 0:
             raise ValueError(f"retain_weight must be >= 0, got {retain_weight!r}")
+        if kwargs.get("weight_decay", 0.0):
+            raise ValueError("SalUnModule needs weight_decay=0: weight decay would move the "
+                             "weights outside the saliency mask")
         super().__init__(pretrained, **kwargs)
         self.mask: dict[str, torch.Tensor] | None = None
-
-    @property
-    def data_constrained(self) -> bool:  # type: ignore[override]
-        return self.hparams.retain_weight == 0
+        self.data_constrained = retain_weight == 0
 
     # ---- the mask -------------------------------------------------------------------------
     def on_train_start(self) -> None:
