@@ -145,6 +145,7 @@ class Demo:
         folder, done = self._cached("pretrain")
         self.model_dir, self.prior_path = folder / "ddpm", folder / "prior.safetensors"
         if done is not None:
+            self.prior_description = done["prior"]
             return f"cached in {folder} ({done['prior']})"
         b = self.budget
         pl.seed_everything(self.seed, verbose=False)
@@ -157,9 +158,9 @@ class Demo:
         trainer = self._trainer([snapshot, ExportPretrained(str(self.model_dir))],
                                 max_steps=b.pretrain_steps, limit_val_batches=0)
         trainer.fit(module, datamodule=data)
-        prior = ParameterPrior.load(self.prior_path).describe()
-        atomic_write_text(folder / _DONE, json.dumps({"prior": prior}))
-        return f"{b.pretrain_steps} steps, exported to {self.model_dir}; {prior}"
+        self.prior_description = ParameterPrior.load(self.prior_path).describe()
+        atomic_write_text(folder / _DONE, json.dumps({"prior": self.prior_description}))
+        return f"{b.pretrain_steps} steps, exported to {self.model_dir}; {self.prior_description}"
 
     # ---- stage 2: the evaluation classifier ---------------------------------------------------
     def classifier(self) -> str:
@@ -225,7 +226,7 @@ class Demo:
             "forget_class": self.forget_class, "budget": dataclasses.asdict(self.budget),
             "seed": self.seed, "evaluation": self.results, "stage_seconds": self.times,
             "total_seconds": round(time.perf_counter() - start, 1),
-            "prior": ParameterPrior.load(self.prior_path).describe(),
+            "prior": self.prior_description,
         }
         atomic_write_text(self.output / "metrics.json", json.dumps(report, indent=2))
         atomic_write_text(self.output / "report.md", render_report(report, self.summaries))
