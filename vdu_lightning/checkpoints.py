@@ -122,6 +122,9 @@ def load_diffusion_model(
     """
     prefix = _check_weights_choice(weights)
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"pretrained model not found: {path} (expected a diffusers "
+                                "directory or a DiffusionModule checkpoint)")
     if path.is_dir():
         unet, scheduler = load_pretrained(path)
     else:

@@ -16,15 +16,19 @@ import sys
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
 # Importing the package registers its modules and datamodules, so configs may name them
 # by short class name too.
 import vdu_lightning  # noqa: F401
-from vdu_lightning.callbacks.prior import CheckpointPrior
+from vdu_lightning.callbacks.export import ExportPretrained
+from vdu_lightning.callbacks.prior import CheckpointPrior, PriorSnapshot
 from vdu_lightning.checkpoints import WEIGHT_PREFIXES
 from vdu_lightning.data.datamodules import VDUDataModule
+from vdu_lightning.files import atomic_file, check_directory_writable, load_checkpoint
+from vdu_lightning.modules.compat import check_data_fits_model
 from vdu_lightning.prior import CHECKPOINT_SOURCES, DEFAULT_MIN_VAR, ParameterPrior
 
 
@@ -34,10 +38,20 @@ class RunConfigSaver(SaveConfigCallback):
     ``WandbLogger`` has no versioned log directory, so Lightning's default would write every
     run's ``config.yaml`` into the same folder and refuse the second run. With W&B the config
     goes into the run's own files directory instead, and is uploaded with the run.
+
+    A resumed run (``resuming``, set by ``VDUCLI`` for ``--ckpt_path``) may share the log
+    directory of the run it continues: that run's config stays, and this one is saved
+    beside it as ``config_resumed_<n>.yaml``.
     """
+
+    resuming = False
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if not isinstance(trainer.logger, WandbLogger):
+            if self.resuming and not self.already_saved:
+                # Every rank reaches log_dir and the broadcast; rank 0's file system decides.
+                name = self._unused_name(trainer.log_dir)
+                self.config_filename = trainer.strategy.broadcast(name)
             super().setup(trainer, pl_module, stage)
             return
         if self.already_saved:
@@ -45,13 +59,53 @@ class RunConfigSaver(SaveConfigCallback):
         if trainer.is_global_zero:
             # Rank 0 only: the run exists on rank 0 alone; no collective is reached here.
             run_dir = trainer.logger.experiment.dir
-            self.parser.save(self.config, os.path.join(run_dir, self.config_filename),
-                             skip_none=False, overwrite=True, multifile=self.multifile)
+            with atomic_file(os.path.join(run_dir, self.config_filename)) as tmp:
+                self.parser.save(self.config, str(tmp), skip_none=False, overwrite=True,
+                                 multifile=self.multifile)
         self.already_saved = True
+
+    def _unused_name(self, log_dir: str | None) -> str:
+        stem, suffix = os.path.splitext(self.config_filename)
+        name, count = self.config_filename, 0
+        while log_dir is not None and os.path.exists(os.path.join(log_dir, name)):
+            count += 1
+            name = f"{stem}_resumed_{count}{suffix}"
+        return name
+
+
+#: Values of ``--ckpt_path`` that Lightning resolves itself (no file to check beforehand).
+_LIGHTNING_CKPT_PATHS = ("best", "last", "hpc", "registry")
+#: How jsonargparse reports a class whose ``__init__`` raised (with that error as the cause).
+_UNION_ERROR = "Does not validate against any of the Union subtypes"
+#: Callbacks that write only while fitting (validate/test may run with them in the config).
+_FIT_OUTPUTS = (ModelCheckpoint, ExportPretrained, PriorSnapshot, CheckpointPrior)
+
+
+def output_directories(trainer: pl.Trainer, fit: bool = True) -> list[tuple[str, str]]:
+    """(what, directory) of every place a run writes to that is known before it starts."""
+    found: list[tuple[str, Any]] = [("trainer.default_root_dir", trainer.default_root_dir)]
+    found += [(f"{type(logger).__name__} save_dir", logger.save_dir)
+              for logger in trainer.loggers]
+    for callback in trainer.callbacks:
+        if not fit and isinstance(callback, _FIT_OUTPUTS):
+            continue
+        found.append((f"{type(callback).__name__} dirpath", getattr(callback, "dirpath", None)))
+        if isinstance(callback, PriorSnapshot):
+            found.append(("PriorSnapshot path", os.path.dirname(callback.path) or "."))
+        if isinstance(callback, CheckpointPrior) and callback.save_to:
+            found.append(("CheckpointPrior save_to", os.path.dirname(callback.save_to) or "."))
+    # Remote paths (s3://...) are Lightning's and fsspec's business.
+    return [(what, str(path)) for what, path in found if path and "://" not in str(path)]
 
 
 class VDUCLI(LightningCLI):
-    """``LightningCLI`` accepting any LightningModule and ``VDUDataModule`` by class path."""
+    """``LightningCLI`` accepting any LightningModule and ``VDUDataModule`` by class path.
+
+    Bad input is refused with the project's own message before any work starts: a
+    ``--ckpt_path`` that is missing, truncated or carries pickled code; a class whose
+    arguments are wrong (its error, not jsonargparse's wrapper around it); data that do not
+    fit the model; an output directory that cannot be written.
+    """
 
     def __init__(self, args: list[str] | None = None, run: bool = True, **kwargs: Any) -> None:
         kwargs.setdefault("save_config_callback", RunConfigSaver)
@@ -66,6 +120,34 @@ class VDUCLI(LightningCLI):
             **kwargs,
         )
 
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        # Lightning reads --ckpt_path right after parsing (for its hyperparameters), with
+        # torch's bare error for a damaged file: check it first, naming the file.
+        subcommand = self.config.get("subcommand")
+        config = self.config.get(subcommand) if subcommand else None
+        ckpt_path = str(config.get("ckpt_path") or "") if config is not None else ""
+        if (not ckpt_path or ckpt_path in _LIGHTNING_CKPT_PATHS or "://" in ckpt_path
+                or ckpt_path.startswith("registry:")):
+            return
+        try:
+            load_checkpoint(ckpt_path)  # memory-mapped: the tensors are not read
+        except (FileNotFoundError, ValueError) as err:
+            raise type(err)(f"ckpt_path: {err}") from err
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+            return
+        except ValueError as err:
+            error: BaseException = err
+        # A class that raised in __init__ comes wrapped in jsonargparse's report on every
+        # type it tried (the class, None): give the user the class's own message.
+        while (isinstance(error, ValueError) and str(error).startswith(_UNION_ERROR)
+               and error.__cause__ is not None):
+            error = error.__cause__
+        raise error
+
     def before_instantiate_classes(self) -> None:
         # `--ckpt_path` loads with weights_only=True unless the user asks otherwise: a
         # checkpoint must never run pickled code (Lightning leaves it to torch's default,
@@ -74,12 +156,32 @@ class VDUCLI(LightningCLI):
         if config is not None and "weights_only" in config and config["weights_only"] is None:
             config["weights_only"] = True
 
+    def _check_before_running(self) -> None:
+        # Found otherwise after the data are read and the prior is built (a mismatch), or at
+        # the first checkpoint or the end of fit (an output directory): refuse them now.
+        shape = getattr(self.model, "sample_shape", None)
+        if shape is not None and self.datamodule is not None:
+            check_data_fits_model(self.datamodule, tuple(shape), "the UNet")
+        for what, directory in output_directories(self.trainer, self.subcommand == "fit"):
+            check_directory_writable(directory, what)
+
+    def before_validate(self) -> None:
+        self._check_before_running()
+
+    def before_test(self) -> None:
+        self._check_before_running()
+
+    def before_predict(self) -> None:
+        self._check_before_running()
+
     def before_fit(self) -> None:
+        self._check_before_running()
         # A resumed run restores its prior from the checkpoint; Lightning reads ckpt_path only
-        # after the callbacks' setup, so CheckpointPrior is told here not to rebuild it.
+        # after the callbacks' setup, so CheckpointPrior is told here not to rebuild it (and
+        # the config saver to keep the config of the run this one continues).
         if self.config_init[self.subcommand].get("ckpt_path"):
             for callback in self.trainer.callbacks:
-                if isinstance(callback, CheckpointPrior):
+                if isinstance(callback, (CheckpointPrior, RunConfigSaver)):
                     callback.resuming = True
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -17,11 +19,31 @@ from typing import Any
 import torch
 
 
+def check_directory_writable(path: str | os.PathLike, what: str = "output directory") -> None:
+    """Raise if the directory ``path`` could not be created or written into; create nothing.
+
+    Meant to run before any work whose result would go there: the nearest existing ancestor
+    of ``path`` (``path`` itself when it exists) must be a directory this process may write.
+
+    Raises:
+        NotADirectoryError: that ancestor is a file.
+        PermissionError: that ancestor is not writable.
+
+    Example:
+        >>> check_directory_writable("runs/mnist5k/ddpm", "ExportPretrained dirpath")
+    """
+    path = Path(path)
+    existing = next((p for p in (path, *path.parents) if p.exists()), Path.cwd())
+    if not existing.is_dir():
+        raise NotADirectoryError(f"cannot write the {what} {path}: {existing} is a file, not a "
+                                 "directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write the {what} {path}: {existing} is not writable")
+
+
 def _check_parent_writable(path: Path) -> None:
-    parent = path.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    if not os.access(parent, os.W_OK):
-        raise PermissionError(f"cannot write to {parent}: the directory is not writable")
+    check_directory_writable(path.parent, "directory")
+    path.parent.mkdir(parents=True, exist_ok=True)
 
 
 def _umask_mode(mode: int) -> int:
@@ -90,15 +112,25 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: the file is truncated, corrupt, or holds objects other than plain data.
+        ValueError: the file is truncated or corrupt, or it holds objects other than plain
+            data (refused: unpickling them could run code).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # torch raises several types for corrupt or unsafe files
+    except pickle.UnpicklingError as err:
+        if "Weights only load failed" not in str(err):
+            raise ValueError(f"cannot load checkpoint {path}: it is corrupt ({err})") from err
+        # torch's message goes on to suggest weights_only=False: keep only what it refused.
+        refused = re.search(r"WeightsUnpickler error: (.+?\.)(?: |$)", str(err), re.MULTILINE)
         raise ValueError(
-            f"cannot load checkpoint {path}: it is truncated, corrupt, or holds objects other "
-            f"than tensors and plain values (only weights_only=True loading is allowed): {err}"
+            f"refused to load checkpoint {path}: it holds objects other than tensors and plain "
+            "values, and unpickling them could run code; checkpoints are only loaded with "
+            f"weights_only=True ({refused.group(1) if refused else 'see the cause above'})"
         ) from err
+    except Exception as err:  # torch raises RuntimeError and others for a damaged file
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(f"cannot load checkpoint {path}: the file is truncated or is not a "
+                         f"PyTorch checkpoint ({reason})") from err

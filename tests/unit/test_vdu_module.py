@@ -115,6 +115,19 @@ def test_the_stability_term_stays_fp32_under_bf16_mixed(tmp_path: Path, pretrain
     assert all(p.dtype == torch.float32 for p in module.unet.parameters())
 
 
+@pytest.mark.parametrize("precision", ["bf16-true", "16-true"])
+def test_sixteen_bit_weights_are_refused_before_the_prior_is_built(
+        tmp_path: Path, pretrained: Path, precision: str) -> None:
+    # The prior file does not exist: building it first would raise FileNotFoundError.
+    callback = CheckpointPrior(prior=str(tmp_path / "not_built_yet.safetensors"))
+    fit = trainer(tmp_path, max_steps=2, precision=precision, callbacks=[callback])
+    mixed = precision.replace("-true", "-mixed")
+    with pytest.raises(ValueError, match=rf"VDUModule does not run with precision='{precision}'"
+                                         rf".*Use precision='{mixed}'"):
+        fit.fit(VDUModule(str(pretrained)), datamodule=forget_data())
+    assert fit.global_step == 0
+
+
 def test_a_prior_of_another_model_is_refused_before_training(
     tmp_path: Path, pretrained: Path, tiny_unet_config: dict
 ) -> None:

@@ -26,6 +26,7 @@ from vdu_lightning.diffusion import seeded_noise
 from vdu_lightning.files import atomic_file, atomic_write_text
 from vdu_lightning.metrics import PercentUnlearned, UnlearnedFID
 from vdu_lightning.modules.classifier import ClassifierModule
+from vdu_lightning.modules.compat import refuse_sharded_weights
 
 #: The sampler behind ``sample_from`` (deterministic DDIM), recorded beside every FID.
 SAMPLER = "ddim"
@@ -142,6 +143,7 @@ class UnlearningEvaluation(pl.Callback):
             raise TypeError(f"UnlearningEvaluation needs a module with sample_shape and "
                             f"sample_from(noise, original, num_steps); "
                             f"{type(pl_module).__name__} lacks them")
+        refuse_sharded_weights(trainer, "UnlearningEvaluation")
         data = trainer.datamodule
         missing = [name for name in _DATAMODULE_NEEDS if not hasattr(data, name)]
         if missing:

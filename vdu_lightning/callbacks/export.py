@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import lightning.pytorch as pl
 
+from vdu_lightning.files import check_directory_writable
+from vdu_lightning.modules.compat import refuse_sharded_weights
+
 
 class ExportPretrained(pl.Callback):
     """Call the module's ``save_pretrained(dirpath)`` on global rank 0 when fit ends.
@@ -26,6 +29,10 @@ class ExportPretrained(pl.Callback):
         if not callable(getattr(pl_module, "save_pretrained", None)):
             raise TypeError(f"ExportPretrained needs a module with save_pretrained(); "
                             f"{type(pl_module).__name__} has none")
+        refuse_sharded_weights(trainer, "ExportPretrained")
+        if stage == "fit":
+            # The export comes last: a directory it cannot write must stop fit before training.
+            check_directory_writable(self.dirpath, "ExportPretrained dirpath")
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero:

@@ -17,6 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from vdu_lightning.checkpoints import WEIGHT_PREFIXES
 from vdu_lightning.losses import check_choice
+from vdu_lightning.modules.compat import check_precision
 from vdu_lightning.prior import (
     CHECKPOINT_SOURCES,
     DEFAULT_MIN_VAR,
@@ -223,6 +224,8 @@ class CheckpointPrior(pl.Callback):
         if not callable(getattr(pl_module, "set_prior", None)):
             raise TypeError(f"CheckpointPrior needs a module with set_prior() (a VDUModule); "
                             f"{type(pl_module).__name__} has none")
+        # Before the (possibly long) build: the module would refuse it in its own setup.
+        check_precision(trainer, type(pl_module).__name__)
         prior = self.build()
         pl_module.set_prior(prior)
         rank_zero_info(prior.describe())

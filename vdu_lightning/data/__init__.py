@@ -4,6 +4,7 @@ from vdu_lightning.data.datamodules import ForgetSetDataModule, ImageDataModule,
 from vdu_lightning.data.datasets import LabeledImages, stratified_split
 from vdu_lightning.data.folder import CaptionedImageFolder
 from vdu_lightning.data.registry import DATASETS, dataset_info, load_dataset
+from vdu_lightning.data.sampling import ResumableShuffle
 
 __all__ = [
     "DATASETS",
@@ -11,6 +12,7 @@ __all__ = [
     "ForgetSetDataModule",
     "ImageDataModule",
     "LabeledImages",
+    "ResumableShuffle",
     "VDUDataModule",
     "dataset_info",
     "load_dataset",

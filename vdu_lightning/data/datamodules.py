@@ -1,7 +1,8 @@
 """LightningDataModules: full data for pre-training, the forget set for unlearning.
 
-Both leave sharding to Lightning: under DDP it wraps every loader's sampler in a
-``DistributedSampler``, so each rank sees its own slice of the forget set.
+Training loaders shuffle with ``ResumableShuffle``: an order fixed by the job's seed and the
+epoch, sharded across DDP ranks, that a run resumed part-way through an epoch continues where
+the interrupted run stopped. Evaluation loaders are sharded by Lightning under DDP.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from vdu_lightning.data.datasets import check_image_size
 from vdu_lightning.data.folder import CaptionedImageFolder
 from vdu_lightning.data.registry import dataset_info, load_dataset
+from vdu_lightning.data.sampling import ResumableShuffle
+from vdu_lightning.seeding import base_seed
 
 
 class VDUDataModule(pl.LightningDataModule):
@@ -80,13 +83,28 @@ class VDUDataModule(pl.LightningDataModule):
         )
 
     def loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        """Batches of ``dataset``: for training (``shuffle``) this process's share in the
+        resumable order, else in order (Lightning shards those under DDP)."""
+        sampler = self._training_sampler(dataset) if shuffle else None
         return DataLoader(
             dataset,
             batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
             num_workers=self.hparams.num_workers,
             persistent_workers=self.hparams.num_workers > 0,
         )
+
+    def _training_sampler(self, dataset: Dataset) -> ResumableShuffle:
+        trainer = self.trainer
+        if trainer is None:  # a loader asked for outside a Trainer
+            return ResumableShuffle(dataset, seed=base_seed())
+        sampler = ResumableShuffle(dataset, trainer.world_size, trainer.global_rank,
+                                   base_seed())
+        # Lightning has restored its loops before it asks for loaders: on a resume, this
+        # counts the batches of the interrupted epoch that were already trained on.
+        sampler.resume_at(trainer.fit_loop.epoch_loop.batch_progress.current.processed,
+                          self.hparams.batch_size)
+        return sampler
 
 
 class ImageDataModule(VDUDataModule):

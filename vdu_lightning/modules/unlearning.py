@@ -35,7 +35,7 @@ from vdu_lightning.losses import (
     denoising_error,
     timestep_weights,
 )
-from vdu_lightning.modules.compat import check_data_fits_model
+from vdu_lightning.modules.compat import check_data_fits_model, check_precision
 from vdu_lightning.modules.noise import NoiseStreams
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
@@ -161,7 +161,10 @@ class UnlearningModule(pl.LightningModule):
         return sample_shape(self.unet)
 
     def setup(self, stage: str) -> None:
-        if self._trainer is not None and self.trainer.datamodule is not None:
+        if self._trainer is None:
+            return
+        check_precision(self.trainer, type(self).__name__)
+        if self.trainer.datamodule is not None:
             check_data_fits_model(self.trainer.datamodule, self.sample_shape, "the UNet")
 
     def on_train_start(self) -> None:

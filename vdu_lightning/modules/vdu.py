@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor, Partial, Replicate, distribute_tensor
 
 from vdu_lightning.losses import stability_penalty
 from vdu_lightning.modules.unlearning import OPTIMIZERS, UnlearningModule
@@ -62,6 +64,7 @@ class VDUModule(UnlearningModule):
         super().__init__(pretrained, **kwargs)
         self.prior: ParameterPrior | None = None
         self._prior_cache: tuple[Any, ...] | None = None
+        self._parameter_cache: tuple[Any, ...] | None = None
 
     # ---- hooks a subclass may override ------------------------------------------------------
     def unlearning_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
@@ -71,9 +74,13 @@ class VDUModule(UnlearningModule):
                 yield name, parameter
 
     def stability_loss(self) -> torch.Tensor:
-        """S(θ) = Σ (θ − μ*)² / (2σ*²) (÷ entries for ``mean``), in fp32, one fused pass."""
+        """S(θ) = Σ (θ − μ*)² / (2σ*²) (÷ entries for ``mean``), in fp32, one fused pass.
+
+        Under FSDP2 each rank sums its own shard (``_prior_tensors``) and ``sum_over_shards``
+        adds the ranks' parts."""
         params, means, inv_stds = self._prior_tensors()
-        return stability_penalty(params, means, inv_stds, self.hparams.reduction)
+        total = self.sum_over_shards(stability_penalty(params, means, inv_stds, "sum"))
+        return total / self.prior.numel if self.hparams.reduction == "mean" else total
 
     def objective(self, batch: Any) -> dict[str, torch.Tensor]:
         """γ·S + (1 − γ)·P; only the forget part of a batch is used (VDU needs no D_r)."""
@@ -90,26 +97,106 @@ class VDUModule(UnlearningModule):
         cover are frozen."""
         prior.check_matches(self.unet.named_parameters(), "the model being unlearned")
         self.prior = prior
-        self._prior_cache = None
+        self._prior_cache = self._parameter_cache = None
         for name, parameter in self.unet.named_parameters():
             parameter.requires_grad_(name in prior.mean)
 
     def _prior_tensors(self) -> tuple[list[torch.Tensor], ...]:
-        """Parameters, μ* and 1/σ* aligned, on the parameters' device (cached)."""
+        """Parameters, μ* and 1/σ* aligned, on the parameters' device (cached).
+
+        Under FSDP2 (``ModelParallelStrategy``) the parameters are DTensor shards: this rank's
+        local shards come back, with the same slices of μ* and 1/σ*.
+        """
         if self.prior is None:
             raise RuntimeError(f"{type(self).__name__} has no prior: add the CheckpointPrior "
                                "callback or call set_prior() before fit")
-        device = next(self.unet.parameters()).device
-        if self._prior_cache is None or self._prior_cache[0] != device:
-            prior = self.prior.to(device)
-            parameters = dict(self.unet.named_parameters())
-            self._prior_cache = (
-                device,
-                [parameters[n] for n in prior.names],
-                [prior.mean[n] for n in prior.names],
-                [prior.var[n].rsqrt() for n in prior.names],
+        # The parameters are looked up again whenever the network's first one is another
+        # object: ``fully_shard`` replaces them all (on the same device), FSDP1 sets views of
+        # its flat parameter in each forward; a device move keeps the objects.
+        first = next(self.unet.parameters())
+        if self._parameter_cache is None or self._parameter_cache[0] is not first:
+            named = dict(self.unet.named_parameters())
+            params = [named.get(n) for n in self.prior.names]
+            self._parameter_cache = (first, params, self._shard_layout(params))
+        _, params, layout = self._parameter_cache
+        device = params[0].device
+        if self._prior_cache is None or self._prior_cache[0] != (device, layout):
+            if layout is None:
+                prior = self.prior.to(device)
+                means = [prior.mean[n] for n in prior.names]
+                inv_stds = [prior.var[n].rsqrt() for n in prior.names]
+            else:
+                # Slice each prior tensor exactly as its parameter is sharded; every rank holds
+                # the same prior, so no data moves (src_data_rank=None); clone() keeps the slice
+                # alone, not the whole tensor it is cut from.
+                def local(t: torch.Tensor) -> torch.Tensor:
+                    return distribute_tensor(t, *layout, src_data_rank=None).to_local().clone()
+                means = [local(self.prior.mean[n]) for n in self.prior.names]
+                inv_stds = [local(self.prior.var[n]).rsqrt() for n in self.prior.names]
+            self._prior_cache = ((device, layout), means, inv_stds)
+        if layout is not None:
+            params = [p.to_local() for p in params]
+        return params, *self._prior_cache[1:]
+
+    def _shard_layout(self, params: list[torch.Tensor | None]) -> tuple[Any, ...] | None:
+        """(mesh, placements) shared by DTensor parameters (FSDP2), None for full tensors;
+        refuses parameters that are neither (FSDP1 shards outside their unit's forward)."""
+        sharded = [isinstance(p, DTensor) for p in params]
+        if any(sharded):
+            layouts = {(p.device_mesh, tuple(p.placements)) for p in params
+                       if isinstance(p, DTensor)}
+            if not all(sharded) or len(layouts) > 1:
+                raise RuntimeError("the stability term needs every parameter the prior covers "
+                                   "sharded alike by FSDP2 (one mesh, one placement): shard "
+                                   f"the whole network; found {len(layouts)} layout(s) and "
+                                   f"{sharded.count(False)} unsharded parameter(s)")
+            return layouts.pop()
+        hidden = [f"{n}: {None if p is None else tuple(p.shape)}, prior "
+                  f"{tuple(self.prior.mean[n].shape)}" for n, p in zip(self.prior.names, params)
+                  if p is None or p.shape != self.prior.mean[n].shape]
+        if hidden:
+            raise RuntimeError(
+                f"the stability term cannot see the full parameters it covers, e.g. "
+                f"{hidden[:3]}: FSDPStrategy shards the parameters of submodules it wraps "
+                "(auto_wrap_policy) outside their own forward, and use_orig_params=False hides "
+                "them. Use FSDPStrategy without auto_wrap_policy, ModelParallelStrategy "
+                "(FSDP2) or DDP; see docs/distributed.md"
             )
-        return self._prior_cache[1:]
+        return None
+
+    def sum_over_shards(self, local: torch.Tensor) -> torch.Tensor:
+        """A sum over the prior's entries, from this rank's part of it: unchanged unless the
+        parameters are FSDP2 shards, where the ranks' parts are all-reduced (one scalar).
+        Only the value crosses ranks: a shard's gradient is that of its own part, which no
+        other rank's part depends on (FSDP2 reduce-scatters only the network's gradients).
+        Call it after ``_prior_tensors()``, whose layout it uses."""
+        layout = self._parameter_cache[2] if self._parameter_cache is not None else None
+        if layout is None:
+            return local
+        mesh, placements = layout
+        # Partial over the mesh dimensions that shard, i.e. "the sum of the ranks' parts";
+        # full_tensor() all-reduces it.
+        parts = [Partial() if p.is_shard() else Replicate() for p in placements]
+        total = DTensor.from_local(local.detach(), mesh, parts).full_tensor()
+        return local + (total - local.detach())
+
+    def configure_model(self) -> None:
+        """Shard the network with FSDP2 under ``ModelParallelStrategy`` (which requires this
+        hook): each UNet block, then the rest. Other strategies pass no mesh: nothing to do."""
+        mesh = self.device_mesh
+        # Lightning calls this hook again for every Trainer call: shard once.
+        if mesh is None or isinstance(self.unet, FSDPModule):
+            return
+        if mesh["tensor_parallel"].size() != 1:
+            raise ValueError(f"{type(self).__name__} shards data-parallel only: use "
+                             f"ModelParallelStrategy(data_parallel_size={mesh.size()}, "
+                             "tensor_parallel_size=1)")
+        data_parallel = mesh["data_parallel"]
+        blocks = [*self.unet.down_blocks, self.unet.mid_block, *self.unet.up_blocks]
+        for block in blocks:
+            if block is not None:
+                fully_shard(block, mesh=data_parallel)
+        fully_shard(self.unet, mesh=data_parallel)
 
     def on_fit_start(self) -> None:
         if self.prior is None and type(self).stability_loss is VDUModule.stability_loss:

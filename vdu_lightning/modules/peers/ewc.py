@@ -149,7 +149,8 @@ class EWCModule(VDUModule):
     def stability_loss(self) -> torch.Tensor:
         """λ·Σ F (θ − θ*)² (summed over parameters, as published; ÷ D for ``mean``)."""
         params, means, inv_stds = self._prior_tensors()
-        penalty = self.hparams.ewc_weight * stability_penalty(params, means, inv_stds, "sum")
+        local = stability_penalty(params, means, inv_stds, "sum")
+        penalty = self.hparams.ewc_weight * self.sum_over_shards(local)
         if self.hparams.reduction == "mean":
             penalty = penalty / math.prod(self.sample_shape)
         return penalty
