@@ -11,6 +11,7 @@ from lightning.pytorch.utilities import CombinedLoader
 from PIL import Image
 
 from vdu_lightning import ForgetSetDataModule, ImageDataModule
+from vdu_lightning.data import ResumableShuffle
 
 
 def test_image_datamodule_batches() -> None:
@@ -188,3 +189,19 @@ def test_an_empty_evaluation_split_is_refused_not_dropped(tmp_path: Path) -> Non
                              val_fraction=0.3)
     with pytest.raises(ValueError, match="the forget evaluation split is empty"):
         dm.setup("fit")
+
+
+@pytest.mark.parametrize("limit, batches_done, skipped", [
+    (1.0, 2, 2),   # part-way through a whole epoch of 4 batches: skip the 2 done
+    (1.0, 4, 0),   # the epoch had ended: a new one starts from its first batch
+    (2, 2, 0),     # limit_train_batches=2 ends the epoch after 2 batches
+    (0.5, 1, 1),   # half an epoch is 2 batches: 1 done
+])
+def test_a_resumed_epoch_skips_the_batches_already_trained_on(
+        limit: int | float, batches_done: int, skipped: int) -> None:
+    sampler = ResumableShuffle(range(12), seed=0)  # 4 batches of 3
+    sampler.set_epoch(1)
+    order = list(sampler)
+    sampler.resume_at(batches_done, batch_size=3, limit=limit)
+    assert list(sampler) == order[3 * skipped:]
+    assert list(sampler) == order  # only the first iteration after a resume skips

@@ -103,7 +103,7 @@ class VDUDataModule(pl.LightningDataModule):
         # Lightning has restored its loops before it asks for loaders: on a resume, this
         # counts the batches of the interrupted epoch that were already trained on.
         sampler.resume_at(trainer.fit_loop.epoch_loop.batch_progress.current.processed,
-                          self.hparams.batch_size)
+                          self.hparams.batch_size, trainer.limit_train_batches)
         return sampler
 
 

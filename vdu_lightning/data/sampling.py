@@ -38,10 +38,18 @@ class ResumableShuffle(DistributedSampler):
                          seed=seed)
         self._skip = 0
 
-    def resume_at(self, batches: int, batch_size: int) -> None:
+    def resume_at(self, batches: int, batch_size: int, limit: int | float = 1.0) -> None:
         """Start the next iteration after ``batches`` batches of the current epoch (taken
-        modulo the batches an epoch has, as an interrupted epoch may have ended)."""
+        modulo the batches an epoch has, as an interrupted epoch may have ended there).
+
+        ``limit`` is the trainer's ``limit_train_batches`` (a count or a fraction), which
+        ends an epoch early: the epoch has that many batches, as Lightning counts them.
+        """
         per_epoch = math.ceil(self.num_samples / batch_size)
+        if isinstance(limit, int):
+            per_epoch = min(per_epoch, limit)
+        else:
+            per_epoch = max(1, int(per_epoch * limit))
         self._skip = (batches % per_epoch) * batch_size
 
     def __iter__(self) -> Iterator[int]:
