@@ -11,6 +11,7 @@ from vdu_lightning.modules import (  # noqa: E402
     IsotropicAnchorModule,
     RetainFinetuneModule,
     SalUnModule,
+    TextToImageVDUModule,
     UnlearningModule,
     VDUModule,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "ParameterPrior",
     "RetainFinetuneModule",
     "SalUnModule",
+    "TextToImageVDUModule",
     "UnlearningModule",
     "VDUModule",
     "__version__",

@@ -6,6 +6,7 @@
     vdu fit --model vdu_lightning.DiffusionModule --print_config
     vdu prior --checkpoints a.ckpt b.ckpt c.ckpt --out prior.safetensors
     vdu demo [--quick] [--forget-class 1] [--output vdu-demo]
+    vdu generate-forget-set --pipeline sd-model --prompt "a painting by X" -n 64 --out forget_x
 """
 
 from __future__ import annotations
@@ -225,6 +226,12 @@ def main(args: list[str] | None = None) -> None:
         from vdu_lightning.demo import demo_command  # the demo's imports only when asked for
 
         demo_command(argv[1:])
+        return
+    if argv[:1] == ["generate-forget-set"]:
+        # Like the demo: the module is imported only when its command is run.
+        from vdu_lightning.forget_set import generate_forget_set_command
+
+        generate_forget_set_command(argv[1:])
         return
     VDUCLI(args=args)
 

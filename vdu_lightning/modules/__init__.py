@@ -1,4 +1,5 @@
-"""LightningModules: DDPM pre-training, the evaluation classifier, VDU and its peers."""
+"""LightningModules: DDPM pre-training, the evaluation classifier, VDU (also on
+text-to-image models) and its peers."""
 
 from vdu_lightning.modules.classifier import ClassifierModule
 from vdu_lightning.modules.diffusion import DiffusionModule
@@ -9,9 +10,10 @@ from vdu_lightning.modules.peers import (
     RetainFinetuneModule,
     SalUnModule,
 )
+from vdu_lightning.modules.text_to_image import TextToImageVDUModule
 from vdu_lightning.modules.unlearning import UnlearningModule
 from vdu_lightning.modules.vdu import VDUModule
 
 __all__ = ["ClassifierModule", "DiffusionModule", "EWCModule", "GradientAscentModule",
-           "IsotropicAnchorModule", "RetainFinetuneModule", "SalUnModule", "UnlearningModule",
-           "VDUModule"]
+           "IsotropicAnchorModule", "RetainFinetuneModule", "SalUnModule", "TextToImageVDUModule",
+           "UnlearningModule", "VDUModule"]
