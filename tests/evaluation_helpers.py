@@ -66,10 +66,12 @@ class TinyUnlearner(pl.LightningModule):
         return torch.optim.SGD([self.weight], lr=0.1)
 
 
-def tiny_classifier(path: Path, seed: int = 0) -> ClassifierModule:
-    """A random 10-class classifier (32-d features) whose features spread, saved to ``path``."""
+def tiny_classifier(path: Path, seed: int = 0, in_channels: int = 1, num_classes: int = 10,
+                    width: int = 8) -> ClassifierModule:
+    """A random classifier (10 classes of grey images, 32-d features by default) whose
+    features spread, saved to ``path``."""
     torch.manual_seed(seed)
-    classifier = ClassifierModule(in_channels=1, num_classes=10, width=8)
+    classifier = ClassifierModule(in_channels=in_channels, num_classes=num_classes, width=width)
     with torch.no_grad():
         for module in classifier.modules():
             if isinstance(module, torch.nn.BatchNorm2d):

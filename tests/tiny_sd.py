@@ -11,8 +11,10 @@ import json
 import string
 from pathlib import Path
 
+import numpy as np
 import torch
 from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 #: Images of 16×16 pixels; the VAE halves them to 8×8 latents of 4 channels.
@@ -62,3 +64,17 @@ def save_tiny_sd(path: Path, seed: int = 0) -> Path:
     """Write a tiny SD 1.x pipeline directory at ``path``."""
     tiny_sd_pipeline(path.parent / f".{path.name}-tokenizer", seed).save_pretrained(path)
     return path
+
+
+def captioned_folder(folder: Path, count: int, caption: str = "a photo", seed: int = 0) -> Path:
+    """``count`` random images with captions "<caption> <i>", in the layout of diffusers'
+    training scripts (``metadata.jsonl``)."""
+    folder.mkdir(parents=True)
+    generator = np.random.default_rng(seed)
+    rows = []
+    for i in range(count):
+        pixels = generator.integers(0, 256, (IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+        rows.append({"file_name": f"{i}.png", "text": f"{caption} {i}"})
+    (folder / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    return folder

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from diffusers import StableDiffusionPipeline
 
@@ -39,11 +40,12 @@ def check_pipeline_dir(path: str | os.PathLike) -> Path:
     return path
 
 
-def load_pipeline(path: str | os.PathLike) -> StableDiffusionPipeline:
-    """The pipeline in ``path``, from local files only, without a safety checker."""
+def load_pipeline(path: str | os.PathLike, **components: Any) -> StableDiffusionPipeline:
+    """The pipeline in ``path``, from local files only, without a safety checker;
+    ``components`` (e.g. ``unet=...``) replace the directory's and are not read."""
     return StableDiffusionPipeline.from_pretrained(
         check_pipeline_dir(path), local_files_only=True, safety_checker=None,
-        requires_safety_checker=False,
+        requires_safety_checker=False, **components,
     )
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import wandb
+from PIL import Image
 from conftest import CONFIGS
 from vdu_lightning.cli import main
 
@@ -24,6 +26,10 @@ def test_offline_wandb_run_holds_sample_grid_and_config(tmp_path: Path) -> None:
     run_id = run.name.rsplit("-", 1)[-1]
     on_disk = sorted((tmp_path / "logs" / "samples" / run_id).glob("step_*.png"))
     assert len(on_disk) == 2, on_disk  # the same grids on disk, in a folder of this run
+    for logged, saved in zip(grids, on_disk):  # W&B holds the very pixels (not a black grid)
+        logged_pixels = np.asarray(Image.open(logged).convert("RGB"))
+        assert np.array_equal(logged_pixels, np.asarray(Image.open(saved).convert("RGB")))
+        assert logged_pixels.mean() > 20
     config = (run / "files" / "config.yaml").read_text()
     assert "class_path: vdu_lightning.DiffusionModule" in config
     # A second run must not be refused because a config exists (W&B has no versioned log dir).

@@ -63,7 +63,74 @@ def save_histogram(path: str | os.PathLike, original: list[int], unlearned: list
         figure.savefig(tmp, format="png", dpi=100)
 
 
-class UnlearningEvaluation(pl.Callback):
+class EvaluationCallback(pl.Callback):
+    """When and where the evaluation callbacks run: on ``vdu validate`` / ``vdu test`` (and
+    during fit with ``during_fit``), writing into ``dirpath`` (default: the run's log
+    directory, or one folder per W&B run). Subclasses call
+    ``_resolve_dirpath`` in ``setup`` and define ``evaluate``."""
+
+    def __init__(self, dirpath: str | None, during_fit: bool) -> None:
+        self.dirpath = dirpath
+        self.during_fit = during_fit
+        self.results: dict[str, Any] = {}
+        self._cache_key: tuple | None = None
+        self._original: dict[str, Any] | None = None
+        self._out_dir: str | None = None
+
+    def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def write_results(self, out: Path, step: int) -> dict[str, Any]:
+        """``self.results`` as ``<out>/evaluation_step_<step>.json`` (numbers made plain)."""
+        results = dict(self.results, metrics={k: _number(v) for k, v in
+                                              self.results["metrics"].items()})
+        atomic_write_text(out / f"evaluation_step_{step:07d}.json",
+                          json.dumps(results, indent=2) + "\n")
+        return results
+
+    @staticmethod
+    def write_side_by_side(trainer: pl.Trainer, left: Tensor, right: Tensor, out: Path,
+                           caption: str) -> None:
+        """Two grids ([C, H, W] in [0, 1]) side by side: ``samples_step_<step>.png``, and the
+        logger's image (W&B, TensorBoard)."""
+        step = trainer.global_step
+        gap = torch.ones(left.shape[0], left.shape[1], 8)
+        grid = torch.cat([left, gap, right], dim=2)
+        path = out / f"samples_step_{step:07d}.png"
+        save_grid(grid, path)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):  # the PNG: wandb reads float tensors as 0..255
+                logger.log_image(key="eval/samples", images=[str(path)], step=step,
+                                 caption=[caption])
+            elif isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_image("eval/samples", grid, global_step=step)
+
+    def _resolve_dirpath(self, trainer: pl.Trainer) -> None:
+        # One folder per W&B run (it has no versioned log dir); trainer.log_dir is a
+        # collective, reached by every rank.
+        if self.dirpath is not None:
+            self._out_dir = self.dirpath
+        elif isinstance(trainer.logger, WandbLogger):
+            if trainer.is_global_zero:
+                self._out_dir = os.path.join(trainer.logger.save_dir or trainer.default_root_dir,
+                                             "evaluation", str(trainer.logger.version))
+        else:
+            self._out_dir = os.path.join(trainer.log_dir or trainer.default_root_dir,
+                                         "evaluation")
+
+    # ---- when ---------------------------------------------------------------------------
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        fn = trainer.state.fn
+        if fn == TrainerFn.VALIDATING or (self.during_fit and fn == TrainerFn.FITTING):
+            self.evaluate(trainer, pl_module)
+
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.evaluate(trainer, pl_module)
+
+
+class UnlearningEvaluation(EvaluationCallback):
     """Evaluate unlearning on ``vdu validate`` / ``vdu test``: PUL, u-FID, histograms, grid.
 
     The module must provide ``sample_shape`` and ``sample_from(noise, original=False,
@@ -129,12 +196,7 @@ class UnlearningEvaluation(pl.Callback):
         self.reference_split = reference_split
         self.num_reference = num_reference
         self.grid_images = grid_images
-        self.dirpath = dirpath
-        self.during_fit = during_fit
-        self.results: dict[str, Any] = {}
-        self._cache_key: tuple | None = None
-        self._original: dict[str, Any] | None = None
-        self._out_dir: str | None = None
+        super().__init__(dirpath, during_fit)
 
     # ---- setup: every check before any sampling -----------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -210,29 +272,6 @@ class UnlearningEvaluation(pl.Callback):
             raise ValueError(f"reference images have shape {shape} but samples {sample_shape}")
         self._reference_count = len(members)
         return dataset, members[trainer.global_rank::trainer.world_size]
-
-    def _resolve_dirpath(self, trainer: pl.Trainer) -> None:
-        # As SampleGridLogger: one folder per W&B run; trainer.log_dir is a collective.
-        if self.dirpath is not None:
-            self._out_dir = self.dirpath
-        elif isinstance(trainer.logger, WandbLogger):
-            if trainer.is_global_zero:
-                self._out_dir = os.path.join(trainer.logger.save_dir or trainer.default_root_dir,
-                                             "evaluation", str(trainer.logger.version))
-        else:
-            self._out_dir = os.path.join(trainer.log_dir or trainer.default_root_dir,
-                                         "evaluation")
-
-    # ---- when ---------------------------------------------------------------------------
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
-        fn = trainer.state.fn
-        if fn == TrainerFn.VALIDATING or (self.during_fit and fn == TrainerFn.FITTING):
-            self.evaluate(trainer, pl_module)
-
-    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.evaluate(trainer, pl_module)
 
     # ---- what ---------------------------------------------------------------------------
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
@@ -327,10 +366,7 @@ class UnlearningEvaluation(pl.Callback):
     def _write(self, trainer: pl.Trainer, original: Tensor, unlearned: Tensor) -> None:
         step = trainer.global_step
         out = Path(self._out_dir)
-        results = dict(self.results, metrics={k: _number(v) for k, v in
-                                              self.results["metrics"].items()})
-        atomic_write_text(out / f"evaluation_step_{step:07d}.json",
-                          json.dumps(results, indent=2) + "\n")
+        results = self.write_results(out, step)
         try:
             save_histogram(out / f"histogram_step_{step:07d}.png", results["histograms"][
                 "original"], results["histograms"]["unlearned"], results["forget_classes"])
@@ -338,13 +374,5 @@ class UnlearningEvaluation(pl.Callback):
             rank_zero_warn("matplotlib is not installed: no histogram PNG (the JSON has it)")
         if len(original) == 0:
             return
-        left, right = image_grid(original), image_grid(unlearned)
-        gap = torch.ones(left.shape[0], left.shape[1], 8)
-        grid = torch.cat([left, gap, right], dim=2)
-        save_grid(grid, out / f"samples_step_{step:07d}.png")
-        caption = f"left original, right unlearned; step {step}, seed {self.seed}"
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                logger.log_image(key="eval/samples", images=[grid], step=step, caption=[caption])
-            elif isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_image("eval/samples", grid, global_step=step)
+        self.write_side_by_side(trainer, image_grid(original), image_grid(unlearned), out,
+                                f"left original, right unlearned; step {step}, seed {self.seed}")

@@ -93,11 +93,14 @@ class PriorSnapshot(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        for attribute in ("unet", "ema_unet"):
+        # The raw weights need only `unet` (e.g. TextToImageFinetuneModule); EMA ones the
+        # `ema_unet` of a DiffusionModule.
+        needed = ("unet", "ema_unet") if self.weights == "ema" else ("unet",)
+        for attribute in needed:
             if not isinstance(getattr(pl_module, attribute, None), torch.nn.Module):
-                raise TypeError(f"PriorSnapshot needs a module with `unet` and `ema_unet` (a "
-                                f"DiffusionModule); {type(pl_module).__name__} has no "
-                                f"{attribute}")
+                raise TypeError(f"PriorSnapshot(weights={self.weights!r}) needs a module with "
+                                f"{' and '.join(map(repr, needed))}; "
+                                f"{type(pl_module).__name__} has no {attribute}")
         names = select_names(dict(self._network(pl_module).named_parameters()), self.include)
         if not names:
             raise ValueError(f"PriorSnapshot: no parameter matches include={self.include}")
@@ -112,8 +115,11 @@ class PriorSnapshot(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.source == "finetune" and self._start_weights is None:
+            # Only what trains can leave the start (for a text-to-image model a small part of
+            # a large UNet, kept in host memory and in every checkpoint).
             self._start_weights = {n: p.detach().cpu().clone()
-                                   for n, p in pl_module.unet.state_dict().items()}
+                                   for n, p in pl_module.unet.named_parameters()
+                                   if p.requires_grad}
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -131,8 +137,9 @@ class PriorSnapshot(pl.Callback):
     @torch.no_grad()
     def _restart(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Back to the start weights with a fresh optimizer: the next continuation."""
-        pl_module.unet.load_state_dict(self._start_weights)
-        pl_module.ema_unet.load_state_dict(self._start_weights)
+        pl_module.unet.load_state_dict(self._start_weights, strict=False)
+        if isinstance(getattr(pl_module, "ema_unet", None), torch.nn.Module):
+            pl_module.ema_unet.load_state_dict(self._start_weights, strict=False)
         for optimizer in trainer.optimizers:
             optimizer.state.clear()
 

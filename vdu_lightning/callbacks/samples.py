@@ -96,7 +96,9 @@ class SampleGridLogger(pl.Callback):
         save_grid(grid, path)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                logger.log_image(key=self.key, images=[grid], step=step,
+                # The PNG, not the tensor: wandb reads float tensors as 0..255, and a grid in
+                # [0, 1] would show black.
+                logger.log_image(key=self.key, images=[str(path)], step=step,
                                  caption=[f"step {step}, seed {self.seed}"])
             elif isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_image(self.key, grid, global_step=step)

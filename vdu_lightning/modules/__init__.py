@@ -10,10 +10,13 @@ from vdu_lightning.modules.peers import (
     RetainFinetuneModule,
     SalUnModule,
 )
-from vdu_lightning.modules.text_to_image import TextToImageVDUModule
+from vdu_lightning.modules.text_to_image import (
+    TextToImageFinetuneModule,
+    TextToImageVDUModule,
+)
 from vdu_lightning.modules.unlearning import UnlearningModule
 from vdu_lightning.modules.vdu import VDUModule
 
 __all__ = ["ClassifierModule", "DiffusionModule", "EWCModule", "GradientAscentModule",
-           "IsotropicAnchorModule", "RetainFinetuneModule", "SalUnModule", "TextToImageVDUModule",
-           "UnlearningModule", "VDUModule"]
+           "IsotropicAnchorModule", "RetainFinetuneModule", "SalUnModule",
+           "TextToImageFinetuneModule", "TextToImageVDUModule", "UnlearningModule", "VDUModule"]
