@@ -2,6 +2,7 @@
 
     python benchmarks/unlearning.py --seeds 0 1 2 --workers 2 \
         --out runs/bench/unlearning.json --plot docs/images/unlearning_pul_vs_ufid.png
+    python benchmarks/unlearning.py --methods sfd sid --seeds 0 --out runs/bench/sfd.json
 
 Each method's hyperparameters are those of its config, configs/mnist5k/<method>.yaml
 (model and data ``init_args``); the benchmark overrides only the pre-trained model, the step
@@ -13,6 +14,10 @@ paired_evaluation.py (PUL, u-FID and its ratio to the original's, retained-class
 VDU's prior comes from ``PriorSnapshot`` during pre-training: its cost is the overhead.py
 build time, not counted here. ``--model-overrides`` / ``--data-overrides`` (JSON) change
 every method's arguments, e.g. for the test that runs it on a tiny model.
+
+SFD and plain SiD (method.md §6) distil the label-conditional ``--teacher`` into one-step
+generators for their configs' number of steps; one_step_evaluation.py scores them against the
+teacher's DDIM-50 (UA, class consistency, u-FID, images per second) in a table of their own.
 """
 
 from __future__ import annotations
@@ -32,14 +37,17 @@ import lightning.pytorch as pl
 import torch
 import yaml
 
+from one_step_evaluation import evaluate_one_step, save_grid
 from paired_evaluation import evaluate
 
-from vdu_lightning import ForgetSetDataModule, ParameterPrior
+from vdu_lightning import ForgetSetDataModule, ParameterPrior, SFDModule
 from vdu_lightning.callbacks import UnlearningGuard
 from vdu_lightning.files import atomic_file, atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = ("vdu", "gradient_ascent", "anchor", "ewc", "salun", "retain_finetune")
+PEERS = ("vdu", "gradient_ascent", "anchor", "ewc", "salun", "retain_finetune")
+DISTILLATIONS = ("sfd", "sid")
+METHODS = PEERS + DISTILLATIONS
 
 
 class Clock(pl.Callback):
@@ -63,9 +71,35 @@ def method_config(method: str, configs: Path) -> dict[str, Any]:
             "callbacks": config["trainer"]["callbacks"]}
 
 
+def run_distillation(args: argparse.Namespace) -> dict[str, Any]:
+    """One (SFD or SiD, seed): distil, export, evaluate; runs in its own process."""
+    config = yaml.safe_load((Path(args.configs) / f"{args.run}.yaml").read_text())
+    pl.seed_everything(args.seed, verbose=False)
+    init = {**config["model"]["init_args"], "teacher": args.teacher,
+            **json.loads(args.distill_overrides)}
+    module = SFDModule(**init)
+    clock = Clock()
+    steps = args.distill_steps or config["trainer"]["max_steps"]
+    trainer = pl.Trainer(accelerator=args.accelerator, devices=1, max_steps=steps,
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[clock])
+    trainer.fit(module)
+    exported = Path(args.out).with_suffix("") / f"{args.run}_seed{args.seed}"
+    module.save_pretrained(exported)
+    save_grid(str(exported), exported.with_suffix(".png"))
+    # SiD forgets nothing: its UA on the same labels is what distillation alone gives.
+    scores = evaluate_one_step(str(exported), args.teacher, args.classifier,
+                               args.forget_classes, args.num_per_label)
+    return {"method": args.run, "seed": args.seed, "iterations": module.iteration,
+            "train_seconds": round(clock.end - clock.first_step, 1), "generator": str(exported),
+            "hyperparameters": init, **scores}
+
+
 def run_one(args: argparse.Namespace) -> dict[str, Any]:
     """One (method, seed): fit, evaluate, and report; runs in its own process."""
     torch.set_num_threads(args.threads)
+    if args.run in DISTILLATIONS:
+        return run_distillation(args)
     config = method_config(args.run, Path(args.configs))
     pl.seed_everything(args.seed, verbose=False)
     data_args = {**config["data"], **json.loads(args.data_overrides)}
@@ -101,12 +135,21 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
 def launch(args: argparse.Namespace, method: str, seed: int) -> dict[str, Any]:
     command = [sys.executable, __file__, "--run", method, "--seed", str(seed)]
     for key in ("pretrained", "classifier", "prior", "configs", "max_steps", "num_samples",
-                "sample_steps", "threads", "accelerator", "model_overrides", "data_overrides"):
+                "sample_steps", "threads", "accelerator", "teacher", "distill_steps",
+                "num_per_label", "out", "model_overrides", "data_overrides",
+                "distill_overrides"):
         command += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+    command += ["--forget-classes", *map(str, args.forget_classes)]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{method} seed {seed} failed:\n{done.stderr[-3000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
+    if method in DISTILLATIONS:
+        print(f"{method:16s} seed {seed}: UA {result['one_step']['ua']:5.1f}%  consistency "
+              f"{result['one_step']['class_consistency']:5.1f}%  u-FID "
+              f"{result['one_step']['u_fid']:7.2f}  x{result['speed']['speedup']:.0f} faster  "
+              f"{result['train_seconds']:.0f} s", flush=True)
+        return result
     print(f"{method:16s} seed {seed}: PUL {result['pul']:6.1f}%  u-FID {result['u_fid']:7.2f} "
           f"(x{result['u_fid_ratio']:.2f})  {result['train_seconds']:.0f} s", flush=True)
     return result
@@ -145,6 +188,25 @@ def markdown(rows: list[dict[str, Any]], original_fid: float) -> str:
     return "\n".join(lines)
 
 
+def distillation_markdown(results: list[dict[str, Any]]) -> str:
+    """One row per (SFD or SiD, seed) and the teacher's DDIM-50 as the reference."""
+    speed = results[0]["speed"]
+    multi = next(k for k in speed if k.startswith("ddim"))
+    lines = ["| sampler | seed | UA % | class consistency % | u-FID (retained) | images/s | "
+             "train s |", "|---" * 7 + "|"]
+    for r in results:
+        one = r["one_step"]
+        lines.append(f"| {r['method']}, one step | {r['seed']} | {one['ua']:.1f} | "
+                     f"{one['class_consistency']:.1f} | {one['u_fid']:.2f} | "
+                     f"{r['speed']['one_step_images_per_second']:.0f} | "
+                     f"{r['train_seconds']:.0f} |")
+    teacher = results[0]["teacher"]
+    lines.append(f"| teacher, DDIM-{multi[4:].split('_')[0]} | — | {teacher['ua']:.1f} | "
+                 f"{teacher['class_consistency']:.1f} | {teacher['u_fid']:.2f} | "
+                 f"{speed[multi]:.1f} | — |")
+    return "\n".join(lines)
+
+
 def scatter(results: list[dict[str, Any]], path: str) -> None:
     from matplotlib.figure import Figure
 
@@ -168,7 +230,8 @@ def scatter(results: list[dict[str, Any]], path: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(PEERS),
+                        help=f"default: the peers; {', '.join(DISTILLATIONS)} on request")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--pretrained", default="runs/mnist5k/ddpm")
     parser.add_argument("--classifier", default="runs/mnist5k/classifier")
@@ -180,8 +243,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--workers", type=int, default=1, help="runs at once")
     parser.add_argument("--accelerator", default="cpu")
-    parser.add_argument("--model-overrides", default="{}", help="JSON, for every method")
-    parser.add_argument("--data-overrides", default="{}", help="JSON, for every method")
+    parser.add_argument("--model-overrides", default="{}", help="JSON, for every peer")
+    parser.add_argument("--data-overrides", default="{}", help="JSON, for every peer")
+    parser.add_argument("--teacher", default="runs/mnist5k/ddpm_conditional",
+                        help="the label-conditional model SFD and SiD distil")
+    parser.add_argument("--distill-steps", type=int, default=0,
+                        help="SFD/SiD trainer steps (two per iteration); 0: their configs'")
+    parser.add_argument("--num-per-label", type=int, default=100,
+                        help="one-step and DDIM-50 samples per label")
+    parser.add_argument("--distill-overrides", default="{}", help="JSON, for SFD and SiD")
+    parser.add_argument("--forget-classes", nargs="+", type=int, default=[1],
+                        help="the labels UA is measured on, for SFD and SiD (as sfd.yaml)")
     parser.add_argument("--out", default="runs/bench/unlearning.json")
     parser.add_argument("--plot", default=None, help="the PUL-versus-u-FID scatter (PNG)")
     parser.add_argument("--run", choices=METHODS, help=argparse.SUPPRESS)
@@ -201,15 +273,19 @@ def main() -> None:
     with ThreadPoolExecutor(args.workers) as pool:
         for batch in (first_seed[1:], jobs[len(first_seed):]):
             results += list(pool.map(lambda job: launch(args, *job), batch))
-    rows = summarise(results)
-    table = markdown(rows, results[0]["u_fid_original"])
+    peers = [r for r in results if r["method"] in PEERS]
+    rows = summarise(peers) if peers else []
+    tables = [markdown(rows, peers[0]["u_fid_original"])] if peers else []
+    distilled = [r for r in results if r["method"] in DISTILLATIONS]
+    tables += [distillation_markdown(distilled)] if distilled else []
+    table = "\n\n".join(tables)
     print(table)
     report = {"args": vars(args), "wall_seconds": round(time.perf_counter() - start, 1),
               "runs": results, "summary": rows, "table": table}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out, json.dumps(report, indent=2))
-    if args.plot:
-        scatter(results, args.plot)
+    if args.plot and peers:
+        scatter(peers, args.plot)
 
 
 if __name__ == "__main__":

@@ -121,6 +121,16 @@ class VDUCLI(LightningCLI):
             **kwargs,
         )
 
+    def add_core_arguments_to_parser(self, parser: Any) -> None:
+        # As Lightning's, but `data` is optional: a module may bring its own loaders
+        # (SFDModule reads no image, only labels).
+        parser.add_lightning_class_args(self.trainer_class, "trainer")
+        parser.set_defaults({"trainer." + k: v for k, v in self.trainer_defaults.items()
+                             if k != "callbacks"})
+        parser.add_lightning_class_args(self._model_class, "model", subclass_mode=True)
+        parser.add_lightning_class_args(self._datamodule_class, "data", subclass_mode=True,
+                                        required=False)
+
     def parse_arguments(self, parser: Any, args: Any) -> None:
         super().parse_arguments(parser, args)
         # Lightning reads --ckpt_path right after parsing (for its hyperparameters), with

@@ -19,6 +19,7 @@ from vdu_lightning import (
 )
 from vdu_lightning.cli import VDUCLI, main
 from vdu_lightning.modules.compat import check_data_fits_model
+from vdu_lightning.one_step import OneStepGeneratorPipeline
 
 TINY_PRETRAIN = str(CONFIGS / "tests" / "tiny_pretrain.yaml")
 TINY_VDU = str(CONFIGS / "tests" / "tiny_vdu.yaml")
@@ -115,8 +116,12 @@ def test_the_prior_command_names_missing_checkpoints(capsys) -> None:
 def stand_in_models(tmp_path: Path) -> None:
     """The pre-trained models the unlearning configs start from, untrained, at their paths."""
     for config, path in ((CONFIGS / "mnist5k" / "pretrain.yaml", "runs/mnist5k/ddpm"),
+                         (CONFIGS / "mnist5k" / "pretrain_conditional.yaml",
+                          "runs/mnist5k/ddpm_conditional"),
                          (Path(TINY_PRETRAIN), "runs/tests/tiny_ddpm")):
         VDUCLI(args=["--config", str(config)], run=False).model.save_pretrained(tmp_path / path)
+    VDUCLI(args=["--config", str(CONFIGS / "mnist5k" / "classifier.yaml")],
+           run=False).model.save_pretrained(tmp_path / "runs/mnist5k/classifier")
 
 
 PEER_CONFIGS = ["gradient_ascent", "anchor", "ewc", "salun", "retain_finetune"]
@@ -130,8 +135,6 @@ PEER_OVERRIDES = {"ewc": ["--model.init_args.fisher_samples=2",
 @pytest.mark.parametrize("method", PEER_CONFIGS)
 def test_every_peer_config_runs_a_few_steps_and_changes_the_model(
         method: str, tmp_path: Path, stand_in_models: None) -> None:
-    VDUCLI(args=["--config", str(CONFIGS / "mnist5k" / "classifier.yaml")],
-           run=False).model.save_pretrained(tmp_path / "runs/mnist5k/classifier")
     main(["fit", "--config", str(CONFIGS / "mnist5k" / f"{method}.yaml"),
           "--trainer.max_steps=2", "--trainer.accelerator=cpu",
           "--trainer.enable_progress_bar=false"] + PEER_OVERRIDES.get(method, []))
@@ -144,9 +147,29 @@ def test_every_peer_config_runs_a_few_steps_and_changes_the_model(
     assert changed
 
 
+@pytest.mark.parametrize("method", ["sfd", "sid"])
+def test_the_distillation_configs_train_and_export_a_one_step_generator(
+        method: str, tmp_path: Path, stand_in_models: None) -> None:
+    main(["fit", "--config", str(CONFIGS / "mnist5k" / f"{method}.yaml"),
+          "--trainer.max_steps=4", "--trainer.accelerator=cpu", "--model.batch_size=4",
+          "--trainer.enable_progress_bar=false"])
+    teacher = DDPMPipeline.from_pretrained(tmp_path / "runs/mnist5k/ddpm_conditional",
+                                           local_files_only=True).unet
+    exported = OneStepGeneratorPipeline.from_pretrained(
+        tmp_path / f"runs/mnist5k/{method}_generator")
+    changed = [name for name, p in exported.unet.named_parameters()
+               if not torch.equal(p, teacher.get_parameter(name))]
+    assert changed
+    images = exported([0, 1], generator=torch.Generator().manual_seed(0), output_type="pt")
+    assert images.images.shape == (2, 1, 16, 16)
+
+
 @pytest.mark.parametrize("config", JOB_CONFIGS, ids=lambda p: str(p.relative_to(CONFIGS)))
 def test_every_job_config_instantiates(config: Path, stand_in_models: None) -> None:
     cli = VDUCLI(args=["--config", str(config)], run=False)
+    if cli.datamodule is None:  # a module with loaders of its own (SFD reads labels only)
+        assert next(iter(cli.model.train_dataloader())) is not None
+        return
     # The data fit the model: the shape check fit() would run, done here without training.
     if isinstance(cli.model, (DiffusionModule, UnlearningModule)):
         check_data_fits_model(cli.datamodule, cli.model.sample_shape, "the UNet")

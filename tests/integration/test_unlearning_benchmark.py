@@ -46,3 +46,37 @@ def test_the_benchmark_runs_two_methods_and_writes_table_and_scatter(
     assert [row["method"] for row in report["summary"]] == ["vdu", "gradient_ascent"]
     assert "| vdu | D_f only |" in report["table"]
     assert (tmp_path / "scatter.png").stat().st_size > 1000
+
+
+def test_the_benchmark_distils_sfd_and_sid_and_scores_them_against_the_teacher(
+        tmp_path: Path, tiny_unet_config: dict) -> None:
+    torch.manual_seed(0)
+    teacher = DiffusionModule(unet=tiny_unet_config, num_classes=10, num_train_timesteps=100)
+    teacher.save_pretrained(tmp_path / "teacher")
+    # Where sfd.yaml's pseudo-label override reads it (the run's directory is tmp_path).
+    classifier = tmp_path / "runs/mnist5k/classifier"
+    ClassifierModule(in_channels=1, num_classes=10).save_pretrained(classifier)
+    small = {"t_min": 5, "t_max": 80, "t_init": 50, "batch_size": 4}
+    command = [
+        sys.executable, str(REPO / "benchmarks" / "unlearning.py"),
+        "--methods", "sfd", "sid", "--seeds", "0", "--teacher", str(tmp_path / "teacher"),
+        "--classifier", str(classifier), "--distill-steps", "4",
+        "--num-per-label", "3", "--distill-overrides", json.dumps(small),
+        "--out", str(tmp_path / "bench.json")]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert [r["method"] for r in report["runs"]] == ["sfd", "sid"]
+    for run in report["runs"]:
+        assert run["iterations"] == 2
+        for sampler in ("one_step", "teacher"):
+            scores = run[sampler]
+            assert 0 <= scores["ua"] <= 100 and 0 <= scores["class_consistency"] <= 100
+            assert sum(scores["forgotten_drawn_as"]) == 3  # the 3 samples of label 1
+            assert math.isfinite(scores["u_fid"]) and scores["u_fid"] > 0
+        assert run["speed"]["speedup"] > 1  # one network call against fifty
+        assert (tmp_path / "bench" / f"{run['method']}_seed0" / "model_index.json").is_file()
+        assert (tmp_path / "bench" / f"{run['method']}_seed0.png").stat().st_size > 100
+    assert run["hyperparameters"]["forget_classes"] == []  # sid distils every label
+    assert "| sfd, one step | 0 |" in report["table"]
+    assert "| teacher, DDIM-50 | — |" in report["table"]

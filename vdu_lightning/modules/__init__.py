@@ -10,6 +10,7 @@ from vdu_lightning.modules.peers import (
     RetainFinetuneModule,
     SalUnModule,
 )
+from vdu_lightning.modules.sfd import SFDModule
 from vdu_lightning.modules.text_to_image import (
     TextToImageFinetuneModule,
     TextToImageVDUModule,
@@ -18,5 +19,5 @@ from vdu_lightning.modules.unlearning import UnlearningModule
 from vdu_lightning.modules.vdu import VDUModule
 
 __all__ = ["ClassifierModule", "DiffusionModule", "EWCModule", "GradientAscentModule",
-           "IsotropicAnchorModule", "RetainFinetuneModule", "SalUnModule",
+           "IsotropicAnchorModule", "RetainFinetuneModule", "SFDModule", "SalUnModule",
            "TextToImageFinetuneModule", "TextToImageVDUModule", "UnlearningModule", "VDUModule"]

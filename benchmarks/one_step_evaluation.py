@@ -1,0 +1,132 @@
+"""The one-step generators' evaluation (issue 7): UA, class consistency, u-FID, speed.
+
+The same seeded noises and labels go through the one-step generator and through the
+label-conditional teacher's DDIM-50, the teacher's multi-step numbers being the reference:
+
+* UA, unlearning accuracy: 1 − the classifier's accuracy on the forgotten labels' samples;
+* class consistency: the classifier's accuracy on the retained labels' samples;
+* u-FID of the retained labels' samples against the real retained-class training images, on
+  the classifier's features (as paired_evaluation.py);
+* images per second of each sampler, at one batch size, after a warm-up.
+
+The teacher's samples are cached beside it (they never change).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torchvision.utils import save_image
+
+from vdu_lightning import ClassifierModule, ImageDataModule
+from vdu_lightning.checkpoints import load_diffusion_model
+from vdu_lightning.diffusion import sample_in_batches, seeded_noise
+from vdu_lightning.files import atomic_file
+from vdu_lightning.metrics import UnlearnedFID
+from vdu_lightning.one_step import OneStepGeneratorPipeline, one_step_images
+
+
+def labels_and_noise(num_per_label: int, num_classes: int, shape: tuple[int, ...]
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``num_per_label`` samples of every label, label-major, with noise from seed 0."""
+    labels = torch.arange(num_classes).repeat_interleave(num_per_label)
+    return labels, seeded_noise(len(labels), shape, seed=0)
+
+
+def teacher_samples(teacher: str, labels: torch.Tensor, noise: torch.Tensor, steps: int
+                    ) -> torch.Tensor:
+    """The teacher's DDIM samples (no guidance), cached beside it (inside a directory)."""
+    source = Path(teacher)
+    folder, prefix = (source.parent, f".{source.name}") if source.is_file() else (source, "")
+    cache = folder / f"{prefix}.bench_one_step_reference_{len(labels)}_{steps}.pt"
+    if cache.is_file():
+        return torch.load(cache, weights_only=True)
+    unet, scheduler, _ = load_diffusion_model(teacher)
+    images = sample_in_batches(unet, scheduler.config, noise, steps, labels=labels)
+    with atomic_file(cache) as tmp:
+        torch.save(images, tmp)
+    return images
+
+
+def images_per_second(sample: Callable[[], Any], batch: int, repeats: int = 3) -> float:
+    sample()  # warm-up: first-call allocations and kernel choices
+    start = time.perf_counter()
+    for _ in range(repeats):
+        sample()
+    return batch * repeats / (time.perf_counter() - start)
+
+
+def speeds(generator: OneStepGeneratorPipeline, teacher: str, steps: int, batch: int
+           ) -> dict[str, float]:
+    unet, scheduler, _ = load_diffusion_model(teacher)
+    shape = (generator.unet.config.in_channels, *(2 * [generator.unet.config.sample_size]))
+    num_classes = generator.unet.config.num_class_embeds - 1  # the last is "no label"
+    labels, noise = torch.arange(batch) % num_classes, seeded_noise(batch, shape, seed=1)
+    generator.unet.eval()
+    with torch.no_grad():
+        one_step = images_per_second(lambda: one_step_images(
+            generator.unet, generator.scheduler.alphas_cumprod, generator.config.t_init, noise,
+            labels), batch)
+    multi_step = images_per_second(lambda: sample_in_batches(
+        unet, scheduler.config, noise, steps, labels=labels, batch_size=batch), batch, repeats=1)
+    return {"one_step_images_per_second": one_step,
+            f"ddim{steps}_images_per_second": multi_step, "speedup": one_step / multi_step}
+
+
+def scores(predicted: torch.Tensor, labels: torch.Tensor, forget: list[int],
+           num_classes: int) -> dict[str, Any]:
+    forgotten = torch.isin(labels, torch.tensor(forget))
+    correct = (predicted == labels).float()
+    return {"ua": 100 * (1 - float(correct[forgotten].mean())),
+            "class_consistency": 100 * float(correct[~forgotten].mean()),
+            # What the forgotten labels draw instead, as the classifier sees it.
+            "forgotten_drawn_as": torch.bincount(predicted[forgotten],
+                                                 minlength=num_classes).tolist()}
+
+
+def save_grid(generator_dir: str, path: Path, per_label: int = 8) -> None:
+    """A PNG of ``per_label`` one-step samples per label (one row each), noise from seed 0."""
+    generator = OneStepGeneratorPipeline.from_pretrained(generator_dir)
+    num_classes = generator.unet.config.num_class_embeds - 1
+    labels = torch.arange(num_classes).repeat_interleave(per_label)
+    images = generator(labels, generator=torch.Generator().manual_seed(0),
+                       output_type="pt").images
+    with atomic_file(path) as tmp:
+        save_image((images + 1) / 2, tmp, nrow=per_label, format="png")
+
+
+def evaluate_one_step(generator_dir: str, teacher: str, classifier_dir: str, forget: list[int],
+                      num_per_label: int, steps: int = 50, speed_batch: int = 100
+                      ) -> dict[str, Any]:
+    """The generator's and the teacher's UA, class consistency and u-FID, and their speeds."""
+    generator = OneStepGeneratorPipeline.from_pretrained(generator_dir)
+    unet = generator.unet
+    shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    num_classes = unet.config.num_class_embeds - 1
+    labels, noise = labels_and_noise(num_per_label, num_classes, shape)
+    with torch.no_grad():
+        one_step = torch.cat([
+            one_step_images(unet.eval(), generator.scheduler.alphas_cumprod,
+                            generator.config.t_init, z, c).clamp(-1, 1)
+            for z, c in zip(noise.split(256), labels.split(256))])
+    reference = teacher_samples(teacher, labels, noise, steps)
+    classifier = ClassifierModule.from_pretrained(classifier_dir)
+    data = ImageDataModule(dataset="mnist5k", image_size=unet.config.sample_size)
+    train = data.load("train")
+    keep = ~torch.isin(train.labels, torch.tensor(forget))
+    real = torch.stack([train[i]["image"] for i in torch.nonzero(keep).flatten().tolist()])
+    retained = ~torch.isin(labels, torch.tensor(forget))
+    results: dict[str, Any] = {"samples_per_label": num_per_label, "real_images": len(real)}
+    for name, images, sampler, num_steps in (("one_step", one_step, "one_step", 1),
+                                             ("teacher", reference, "ddim", steps)):
+        fid = UnlearnedFID(classifier=classifier, sampler=sampler, num_steps=num_steps)
+        fid.update(real, real=True)
+        fid.update(images[retained], real=False)
+        results[name] = {**scores(classifier.predict_labels(images), labels, forget,
+                                  num_classes),
+                         "u_fid": float(fid.compute()), "u_fid_name": fid.name}
+    results["speed"] = speeds(generator, teacher, steps, speed_batch)
+    return results

@@ -1,0 +1,73 @@
+"""``OneStepGeneratorPipeline``: the one-step generator of SFD as a diffusers pipeline.
+
+The directory holds ``unet/``, ``scheduler/`` (for ᾱ) and ``model_index.json`` with
+``t_init``; an image is one network call: x = f_θ(√(1 − ᾱ_init)·z, t_init, c).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from diffusers import DDPMScheduler, DiffusionPipeline, ImagePipelineOutput, UNet2DModel
+
+from vdu_lightning.files import atomic_directory
+from vdu_lightning.score_distillation import x0_from_epsilon
+
+
+def one_step_images(unet: torch.nn.Module, alphas_cumprod: torch.Tensor, t_init: int,
+                    z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    """x = f_θ(√(1 − ᾱ_init)·z, t_init, c): the generator's images (unclipped) for noise z."""
+    t = torch.full((z.shape[0],), t_init, device=z.device, dtype=torch.long)
+    x_init = (1 - alphas_cumprod.to(z.device)[t_init]).sqrt() * z
+    epsilon = unet(x_init, t, class_labels=labels).sample
+    return x0_from_epsilon(x_init, epsilon, alphas_cumprod, t)
+
+
+class OneStepGeneratorPipeline(DiffusionPipeline):
+    """A one-step, label-conditional image generator.
+
+    Import this class to load its directories: diffusers' own ``DiffusionPipeline`` does not
+    know it.
+
+    Example:
+        >>> pipe = OneStepGeneratorPipeline.from_pretrained(
+        ...     "runs/mnist5k/sfd_generator")  # doctest: +SKIP
+        >>> pipe([0, 1, 2], generator=torch.Generator().manual_seed(0)).images  # doctest: +SKIP
+    """
+
+    def __init__(self, unet: UNet2DModel, scheduler: DDPMScheduler, t_init: int = 440) -> None:
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler)
+        self.register_to_config(t_init=t_init)
+
+    @torch.no_grad()
+    def __call__(self, class_labels: list[int] | torch.Tensor,
+                 generator: torch.Generator | None = None, output_type: str = "pil",
+                 return_dict: bool = True) -> ImagePipelineOutput | tuple:
+        """One image per label; noise from ``generator`` on the CPU (the same images on any
+        device). ``output_type``: ``pil``, ``np`` (``[N, H, W, C]`` in [0, 1]) or ``pt``
+        (``[N, C, H, W]`` in [-1, 1])."""
+        if output_type not in ("pil", "np", "pt"):
+            raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
+        labels = torch.as_tensor(class_labels, dtype=torch.long).flatten()
+        num_classes = self.unet.config.num_class_embeds - 1  # the last embedding: no label
+        if labels.numel() == 0 or labels.min() < 0 or labels.max() >= num_classes:
+            raise ValueError(f"class_labels must be labels in 0..{num_classes - 1}, got "
+                             f"{labels.tolist()}")
+        size = self.unet.config.sample_size
+        z = torch.randn(len(labels), self.unet.config.in_channels, size, size,
+                        generator=generator)
+        device = self.unet.device
+        images = one_step_images(self.unet, self.scheduler.alphas_cumprod, self.config.t_init,
+                                 z.to(device, self.unet.dtype), labels.to(device)).clamp(-1, 1)
+        if output_type != "pt":
+            images = ((images + 1) / 2).permute(0, 2, 3, 1).cpu().numpy()
+            if output_type == "pil":
+                images = self.numpy_to_pil(images)
+        return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+    def save_atomically(self, path: str | os.PathLike) -> None:
+        """``save_pretrained`` into a new directory that replaces ``path`` only when whole."""
+        with atomic_directory(path) as tmp:
+            self.save_pretrained(tmp, safe_serialization=True)
