@@ -88,12 +88,12 @@ def scores(predicted: torch.Tensor, labels: torch.Tensor, forget: list[int],
 
 
 def save_grid(generator_dir: str, path: Path, per_label: int = 8) -> None:
-    """A PNG of ``per_label`` one-step samples per label (one row each), noise from seed 0."""
+    """A PNG of ``per_label`` one-step samples per label, one row each, every row from the
+    same noises (seed 0): a column shows what one z becomes under each label."""
     generator = OneStepGeneratorPipeline.from_pretrained(generator_dir)
     num_classes = generator.unet.config.num_class_embeds - 1
-    labels = torch.arange(num_classes).repeat_interleave(per_label)
-    images = generator(labels, generator=torch.Generator().manual_seed(0),
-                       output_type="pt").images
+    images = torch.cat([generator([label] * per_label, generator=torch.Generator().manual_seed(0),
+                                  output_type="pt").images for label in range(num_classes)])
     with atomic_file(path) as tmp:
         save_image((images + 1) / 2, tmp, nrow=per_label, format="png")
 

@@ -174,3 +174,15 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(teacher: Path, tmp_p
     assert resumed.iteration == 4
     for name, tensor in whole.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[name], tensor, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("trainer_args, message", [
+    ({"devices": 2, "strategy": "ddp_spawn"}, "SFDModule runs in one process; got world size 2"),
+    ({"precision": "bf16-true"}, "does not run with precision='bf16-true'"),
+])
+def test_multi_process_and_16_bit_weights_are_refused_at_setup(
+        teacher: Path, trainer_args: dict, message: str) -> None:
+    module = sfd(teacher)
+    module.trainer = pl.Trainer(accelerator="cpu", logger=False, **trainer_args)
+    with pytest.raises((NotImplementedError, ValueError), match=message):
+        module.setup("fit")
