@@ -177,10 +177,10 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(teacher: Path, tmp_p
 
 
 @pytest.mark.parametrize("trainer_args, message", [
-    ({"devices": 2, "strategy": "ddp_spawn"}, "SFDModule runs in one process; got world size 2"),
+    ({"devices": 2, "strategy": "ddp_spawn"}, "needs find_unused_parameters=True"),
     ({"precision": "bf16-true"}, "does not run with precision='bf16-true'"),
 ])
-def test_multi_process_and_16_bit_weights_are_refused_at_setup(
+def test_ddp_without_unused_parameters_and_16_bit_weights_are_refused_at_setup(
         teacher: Path, trainer_args: dict, message: str) -> None:
     module = sfd(teacher)
     module.trainer = pl.Trainer(accelerator="cpu", logger=False, **trainer_args)

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.strategies import DDPStrategy
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -205,12 +206,20 @@ class SFDModule(pl.LightningModule):
     # ---- training ---------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         check_precision(self.trainer, type(self).__name__)
+        strategy = self.trainer.strategy
         if self.trainer.world_size > 1:
-            # Two backward passes per step, each reaching one network only: DDP's one
-            # all-reduce per backward does not fit; untested, so refused rather than wrong.
-            raise NotImplementedError(
-                f"SFDModule runs in one process; got world size {self.trainer.world_size} "
-                f"({type(self.trainer.strategy).__name__})")
+            # Each backward pass reaches one network only; DDP all-reduces every parameter
+            # it wraps per backward, so the other network's must be found unused.
+            if not isinstance(strategy, DDPStrategy):
+                raise NotImplementedError(
+                    f"SFDModule runs in one process or under DDP; got "
+                    f"{type(strategy).__name__} with world size {self.trainer.world_size}")
+            if not getattr(strategy, "_ddp_kwargs", {}).get("find_unused_parameters"):
+                raise ValueError(
+                    "SFDModule under DDP needs find_unused_parameters=True (each of its two "
+                    "backward passes reaches one network): use "
+                    "--trainer.strategy=ddp_find_unused_parameters_true, or "
+                    "DDPStrategy(find_unused_parameters=True)")
 
     def on_train_start(self) -> None:
         self.noise.start(self)
