@@ -96,8 +96,7 @@ class SFDModule(pl.LightningModule):
         unet, self.scheduler, num_classes = load_diffusion_model(teacher, weights)
         if num_classes is None:
             raise ValueError(f"SFD needs a label-conditional teacher; {teacher} is unconditional")
-        if unet.config.get("prediction_type", "epsilon") != "epsilon" or \
-                self.scheduler.config.prediction_type != "epsilon":
+        if self.scheduler.config.prediction_type != "epsilon":
             raise ValueError(f"SFD needs an epsilon-predicting teacher; {teacher} predicts "
                              f"{self.scheduler.config.prediction_type}")
         forget = sorted(set(forget_classes))
@@ -126,8 +125,11 @@ class SFDModule(pl.LightningModule):
         # to the optimizers or DDP (as UnlearningModule's original network).
         self.__dict__["_teacher"] = copy.deepcopy(unet).requires_grad_(False).eval()
         if classifier is not None:
-            self.__dict__["_classifier"] = ClassifierModule.from_pretrained(
-                classifier).requires_grad_(False)
+            loaded = ClassifierModule.from_pretrained(classifier).requires_grad_(False)
+            if loaded.hparams.num_classes != num_classes:
+                raise ValueError(f"the classifier {classifier} tells {loaded.hparams.num_classes} "
+                                 f"classes apart; the teacher has {num_classes} labels")
+            self.__dict__["_classifier"] = loaded
         self.noise = NoiseStreams()
 
     @property
