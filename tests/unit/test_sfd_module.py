@@ -79,8 +79,10 @@ def test_the_classifier_override_is_the_likeliest_retained_label(teacher: Path,
     with pytest.raises(ValueError, match="exactly when override='classifier'"):
         sfd(teacher, override="classifier")
     ClassifierModule(in_channels=1, num_classes=4, width=8).save_pretrained(tmp_path / "four")
+    mismatched = sfd(teacher, override="classifier", classifier=str(tmp_path / "four"))
+    mismatched.trainer = pl.Trainer(accelerator="cpu", logger=False)
     with pytest.raises(ValueError, match="tells 4 classes apart; the teacher has 10 labels"):
-        sfd(teacher, override="classifier", classifier=str(tmp_path / "four"))
+        mismatched.setup("fit")  # before any step
 
 
 def test_in_a_step_only_the_teacher_sees_the_override(teacher: Path) -> None:

@@ -124,17 +124,26 @@ class SFDModule(pl.LightningModule):
         # The teacher never trains: outside the children, so neither checkpointed nor given
         # to the optimizers or DDP (as UnlearningModule's original network).
         self.__dict__["_teacher"] = copy.deepcopy(unet).requires_grad_(False).eval()
-        if classifier is not None:
-            loaded = ClassifierModule.from_pretrained(classifier).requires_grad_(False)
-            if loaded.hparams.num_classes != num_classes:
-                raise ValueError(f"the classifier {classifier} tells {loaded.hparams.num_classes} "
-                                 f"classes apart; the teacher has {num_classes} labels")
-            self.__dict__["_classifier"] = loaded
         self.noise = NoiseStreams()
 
     @property
     def teacher(self) -> nn.Module:
         return self.__dict__["_teacher"].to(self.device)
+
+    def override_classifier(self) -> ClassifierModule | None:
+        """The ``classifier`` override's classifier (frozen, outside the children), loaded on
+        first use: not in ``__init__``, where LightningCLI would hand it this module's
+        hyperparameters (it sets them for any LightningModule built during the
+        instantiation)."""
+        path = self.hparams.classifier
+        if path is not None and "_classifier" not in self.__dict__:
+            loaded = ClassifierModule.from_pretrained(path).requires_grad_(False)
+            if loaded.hparams.num_classes != self.num_classes:
+                raise ValueError(f"the classifier {path} tells {loaded.hparams.num_classes} "
+                                 f"classes apart; the teacher has {self.num_classes} labels")
+            self.__dict__["_classifier"] = loaded
+        classifier = self.__dict__.get("_classifier")
+        return None if classifier is None else classifier.to(self.device)
 
     # ---- sampling ---------------------------------------------------------------------------
     def x0(self, network: nn.Module, x_t: torch.Tensor, t: torch.Tensor,
@@ -177,9 +186,8 @@ class SFDModule(pl.LightningModule):
             override = retained[torch.randint(0, len(retained), labels.shape,
                                               device=labels.device, generator=generator)]
         else:
-            classifier = self.__dict__["_classifier"].to(self.device)
             with torch.no_grad():
-                logits = classifier.eval()(samples.clamp(-1, 1))
+                logits = self.override_classifier().eval()(samples.clamp(-1, 1))
             override = retained[logits[:, retained].argmax(dim=1)]
         return torch.where(forget, override, labels)
 
@@ -208,6 +216,7 @@ class SFDModule(pl.LightningModule):
     # ---- training ---------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         check_precision(self.trainer, type(self).__name__)
+        self.override_classifier()  # loaded and checked before any step
         strategy = self.trainer.strategy
         if self.trainer.world_size > 1:
             # Each backward pass reaches one network only; DDP all-reduces every parameter
