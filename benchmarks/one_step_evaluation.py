@@ -21,9 +21,11 @@ from typing import Any, Callable
 import torch
 from torchvision.utils import save_image
 
+from paired_evaluation import retained_training_images
+
 from vdu_lightning import ClassifierModule, ImageDataModule
 from vdu_lightning.checkpoints import load_diffusion_model
-from vdu_lightning.diffusion import sample_in_batches, seeded_noise
+from vdu_lightning.diffusion import sample_in_batches, sample_shape, seeded_noise
 from vdu_lightning.files import atomic_file
 from vdu_lightning.metrics import UnlearnedFID
 from vdu_lightning.one_step import OneStepGeneratorPipeline, one_step_images
@@ -62,7 +64,7 @@ def images_per_second(sample: Callable[[], Any], batch: int, repeats: int = 3) -
 def speeds(generator: OneStepGeneratorPipeline, teacher: str, steps: int, batch: int
            ) -> dict[str, float]:
     unet, scheduler, _ = load_diffusion_model(teacher)
-    shape = (generator.unet.config.in_channels, *(2 * [generator.unet.config.sample_size]))
+    shape = sample_shape(generator.unet)
     num_classes = generator.unet.config.num_class_embeds - 1  # the last is "no label"
     labels, noise = torch.arange(batch) % num_classes, seeded_noise(batch, shape, seed=1)
     generator.unet.eval()
@@ -104,7 +106,7 @@ def evaluate_one_step(generator_dir: str, teacher: str, classifier_dir: str, for
     """The generator's and the teacher's UA, class consistency and u-FID, and their speeds."""
     generator = OneStepGeneratorPipeline.from_pretrained(generator_dir)
     unet = generator.unet
-    shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    shape = sample_shape(unet)
     num_classes = unet.config.num_class_embeds - 1
     labels, noise = labels_and_noise(num_per_label, num_classes, shape)
     with torch.no_grad():
@@ -114,10 +116,8 @@ def evaluate_one_step(generator_dir: str, teacher: str, classifier_dir: str, for
             for z, c in zip(noise.split(256), labels.split(256))])
     reference = teacher_samples(teacher, labels, noise, steps)
     classifier = ClassifierModule.from_pretrained(classifier_dir)
-    data = ImageDataModule(dataset="mnist5k", image_size=unet.config.sample_size)
-    train = data.load("train")
-    keep = ~torch.isin(train.labels, torch.tensor(forget))
-    real = torch.stack([train[i]["image"] for i in torch.nonzero(keep).flatten().tolist()])
+    real = retained_training_images(ImageDataModule(dataset="mnist5k", image_size=shape[-1]),
+                                    forget)
     retained = ~torch.isin(labels, torch.tensor(forget))
     results: dict[str, Any] = {"samples_per_label": num_per_label, "real_images": len(real)}
     for name, images, sampler, num_steps in (("one_step", one_step, "one_step", 1),

@@ -35,6 +35,13 @@ def paired_samples(module: Any, pretrained: str, num: int, steps: int) -> tuple[
     return original, module.sample_from(noise, original=False, num_steps=steps)
 
 
+def retained_training_images(data: Any, forget: list[int]) -> torch.Tensor:
+    """The real training images of every class but ``forget``: u-FID's reference."""
+    train = data.load("train")
+    retained = ~torch.isin(train.labels, torch.tensor(forget))
+    return torch.stack([train[i]["image"] for i in torch.nonzero(retained).flatten().tolist()])
+
+
 def evaluate(module: Any, data: Any, pretrained: str, classifier_dir: str, num: int,
              steps: int) -> dict[str, Any]:
     """PUL, u-FID of both models, their ratio, the histograms and the retained-class drift."""
@@ -43,9 +50,7 @@ def evaluate(module: Any, data: Any, pretrained: str, classifier_dir: str, num: 
     forget = list(data.forget_classes)
     pul = PercentUnlearned(num_classes=10, forget_classes=forget)
     pul.update(classifier.predict_labels(original), classifier.predict_labels(unlearned))
-    train = data.load("train")
-    retained = ~torch.isin(train.labels, torch.tensor(forget))
-    real = torch.stack([train[i]["image"] for i in torch.nonzero(retained).flatten().tolist()])
+    real = retained_training_images(data, forget)
     fids = {}
     for name, images in (("original", original), ("unlearned", unlearned)):
         fid = UnlearnedFID(classifier=classifier, sampler="ddim", num_steps=steps)

@@ -11,6 +11,7 @@ import os
 import torch
 from diffusers import DDPMScheduler, DiffusionPipeline, ImagePipelineOutput, UNet2DModel
 
+from vdu_lightning.diffusion import sample_shape
 from vdu_lightning.files import atomic_directory
 from vdu_lightning.score_distillation import x0_from_epsilon
 
@@ -55,9 +56,7 @@ class OneStepGeneratorPipeline(DiffusionPipeline):
         if labels.numel() == 0 or labels.min() < 0 or labels.max() >= num_classes:
             raise ValueError(f"class_labels must be labels in 0..{num_classes - 1}, got "
                              f"{labels.tolist()}")
-        size = self.unet.config.sample_size
-        z = torch.randn(len(labels), self.unet.config.in_channels, size, size,
-                        generator=generator)
+        z = torch.randn(len(labels), *sample_shape(self.unet), generator=generator)
         device = self.unet.device
         images = one_step_images(self.unet, self.scheduler.alphas_cumprod, self.config.t_init,
                                  z.to(device, self.unet.dtype), labels.to(device)).clamp(-1, 1)

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from vdu_lightning.checkpoints import load_diffusion_model
 from vdu_lightning.modules.classifier import ClassifierModule
 from vdu_lightning.modules.compat import check_precision
-from vdu_lightning.diffusion import predict_noise
+from vdu_lightning.diffusion import predict_noise, sample_shape
 from vdu_lightning.losses import check_choice
 from vdu_lightning.modules.noise import NoiseStreams
 from vdu_lightning.one_step import OneStepGeneratorPipeline, one_step_images
@@ -295,8 +295,7 @@ class SFDModule(pl.LightningModule):
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
-        size = self.generator.config.sample_size
-        return (self.generator.config.in_channels, size, size)
+        return sample_shape(self.generator)
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         kwargs = {"lr": self.hparams.lr, "betas": tuple(self.hparams.betas)}
