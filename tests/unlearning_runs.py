@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import yaml
 
 from conftest import TINY_UNET
 from vdu_lightning import DiffusionModule, ParameterPrior
+from vdu_lightning.files import load_checkpoint
 
 TESTS = Path(__file__).resolve().parent
 
@@ -75,3 +77,16 @@ def run_vdu(*args: str, cwd: Path, timeout: float = 240) -> subprocess.Completed
                           capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, f"vdu {' '.join(args)} failed:\n{done.stderr[-4000:]}"
     return done
+
+
+def wait_for_step(checkpoint: Path, process: subprocess.Popen, least: int) -> int:
+    """The step of ``checkpoint`` once it is at least ``least`` (while the job still runs)."""
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "the job ended before it could be killed"
+        if checkpoint.exists():
+            step = load_checkpoint(checkpoint)["global_step"]  # files are replaced atomically
+            if step >= least:
+                return step
+        time.sleep(0.05)
+    raise TimeoutError(f"{checkpoint} never reached step {least}")

@@ -22,12 +22,19 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from safetensors.torch import load_file
 
-from vdu_lightning.diffusion import UNET_SUBFOLDER, build_scheduler, build_unet, load_pretrained
+from vdu_lightning.diffusion import (
+    PICKLED_WEIGHTS,
+    SAFE_WEIGHTS,
+    UNET_SUBFOLDER,
+    build_scheduler,
+    build_unet,
+    load_pretrained,
+)
 from vdu_lightning.files import load_checkpoint
 
 #: Which copy of a ``DiffusionModule`` checkpoint's UNet to read.
 WEIGHT_PREFIXES = {"ema": "ema_unet.", "raw": "unet."}
-_DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+_DIFFUSERS_WEIGHTS = (SAFE_WEIGHTS, PICKLED_WEIGHTS)
 
 
 def _check_weights_choice(weights: str) -> str:

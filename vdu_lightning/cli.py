@@ -14,12 +14,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_info
 
 # Importing the package registers its modules and datamodules, so configs may name them
 # by short class name too.
@@ -28,9 +30,20 @@ from vdu_lightning.callbacks.export import ExportPretrained
 from vdu_lightning.callbacks.prior import CheckpointPrior, PriorSnapshot
 from vdu_lightning.checkpoints import WEIGHT_PREFIXES
 from vdu_lightning.data.datamodules import VDUDataModule
-from vdu_lightning.files import atomic_file, check_directory_writable, load_checkpoint
+from vdu_lightning.files import atomic_file, check_directory_writable, check_file_writable
 from vdu_lightning.modules.compat import check_data_fits_model
-from vdu_lightning.prior import CHECKPOINT_SOURCES, DEFAULT_MIN_VAR, ParameterPrior
+from vdu_lightning.prior import (
+    CHECKPOINT_SOURCES,
+    DEFAULT_MIN_VAR,
+    ParameterPrior,
+    check_min_var,
+)
+from vdu_lightning.resume import check_resumable, find_last_checkpoint
+
+
+#: The resolved config's name among a W&B run's files, where W&B writes its own run config
+#: as config.yaml (and syncs it under that name).
+WANDB_CONFIG_FILENAME = "lightning_config.yaml"
 
 
 class RunConfigSaver(SaveConfigCallback):
@@ -38,7 +51,8 @@ class RunConfigSaver(SaveConfigCallback):
 
     ``WandbLogger`` has no versioned log directory, so Lightning's default would write every
     run's ``config.yaml`` into the same folder and refuse the second run. With W&B the config
-    goes into the run's own files directory instead, and is uploaded with the run.
+    goes into the run's own files directory instead, and is uploaded with the run, as
+    ``lightning_config.yaml``: ``config.yaml`` there is W&B's own run config.
 
     A resumed run (``resuming``, set by ``VDUCLI`` for ``--ckpt_path``) may share the log
     directory of the run it continues: that run's config stays, and this one is saved
@@ -60,7 +74,7 @@ class RunConfigSaver(SaveConfigCallback):
         if trainer.is_global_zero:
             # Rank 0 only: the run exists on rank 0 alone; no collective is reached here.
             run_dir = trainer.logger.experiment.dir
-            with atomic_file(os.path.join(run_dir, self.config_filename)) as tmp:
+            with atomic_file(os.path.join(run_dir, WANDB_CONFIG_FILENAME)) as tmp:
                 self.parser.save(self.config, str(tmp), skip_none=False, overwrite=True,
                                  multifile=self.multifile)
         self.already_saved = True
@@ -75,7 +89,7 @@ class RunConfigSaver(SaveConfigCallback):
 
 
 #: Values of ``--ckpt_path`` that Lightning resolves itself (no file to check beforehand).
-_LIGHTNING_CKPT_PATHS = ("best", "last", "hpc", "registry")
+_LIGHTNING_CKPT_PATHS = ("best", "hpc", "registry")
 #: How jsonargparse reports a class whose ``__init__`` raised (with that error as the cause).
 _UNION_ERROR = "Does not validate against any of the Union subtypes"
 #: Callbacks that write only while fitting (validate/test may run with them in the config).
@@ -91,10 +105,21 @@ def output_directories(trainer: pl.Trainer, fit: bool = True) -> list[tuple[str,
         if not fit and isinstance(callback, _FIT_OUTPUTS):
             continue
         found.append((f"{type(callback).__name__} dirpath", getattr(callback, "dirpath", None)))
+    return _local(found)
+
+
+def output_files(trainer: pl.Trainer, fit: bool = True) -> list[tuple[str, str]]:
+    """(what, file) of every file a run writes that is named before it starts."""
+    found: list[tuple[str, Any]] = []
+    for callback in trainer.callbacks if fit else ():  # both write only while fitting
         if isinstance(callback, PriorSnapshot):
-            found.append(("PriorSnapshot path", os.path.dirname(callback.path) or "."))
-        if isinstance(callback, CheckpointPrior) and callback.save_to:
-            found.append(("CheckpointPrior save_to", os.path.dirname(callback.save_to) or "."))
+            found.append(("PriorSnapshot path", callback.path))
+        if isinstance(callback, CheckpointPrior):
+            found.append(("CheckpointPrior save_to", callback.save_to))
+    return _local(found)
+
+
+def _local(found: list[tuple[str, Any]]) -> list[tuple[str, str]]:
     # Remote paths (s3://...) are Lightning's and fsspec's business.
     return [(what, str(path)) for what, path in found if path and "://" not in str(path)]
 
@@ -133,18 +158,29 @@ class VDUCLI(LightningCLI):
 
     def parse_arguments(self, parser: Any, args: Any) -> None:
         super().parse_arguments(parser, args)
-        # Lightning reads --ckpt_path right after parsing (for its hyperparameters), with
-        # torch's bare error for a damaged file: check it first, naming the file.
+        # --ckpt_path is checked before anything is read or built (vdu_lightning.resume);
+        # `last` becomes the file it names, or nothing when there is none yet (a first run).
         subcommand = self.config.get("subcommand")
         config = self.config.get(subcommand) if subcommand else None
         ckpt_path = str(config.get("ckpt_path") or "") if config is not None else ""
-        if (not ckpt_path or ckpt_path in _LIGHTNING_CKPT_PATHS or "://" in ckpt_path
-                or ckpt_path.startswith("registry:")):
-            return
         try:
-            load_checkpoint(ckpt_path)  # memory-mapped: the tensors are not read
+            if ckpt_path == "last":
+                ckpt_path = find_last_checkpoint(config["trainer"]) or ""
+                config["ckpt_path"] = ckpt_path or None
+                if not ckpt_path:
+                    rank_zero_info("--ckpt_path last: no checkpoint yet, the run starts afresh")
+            if (not ckpt_path or ckpt_path in _LIGHTNING_CKPT_PATHS or "://" in ckpt_path
+                    or ckpt_path.startswith("registry:")):
+                return
+            check_resumable(ckpt_path, config["model"]["class_path"])
         except (FileNotFoundError, ValueError) as err:
             raise type(err)(f"ckpt_path: {err}") from err
+
+    def _parse_ckpt_path(self) -> None:
+        # Lightning would take the model's class and arguments from the checkpoint's
+        # hyperparameters, importing any module they name: here the config alone says what
+        # the model is, and parse_arguments refused a checkpoint of another class.
+        return
 
     def instantiate_classes(self) -> None:
         try:
@@ -175,6 +211,8 @@ class VDUCLI(LightningCLI):
             check_data_fits_model(self.datamodule, tuple(shape), "the UNet")
         for what, directory in output_directories(self.trainer, self.subcommand == "fit"):
             check_directory_writable(directory, what)
+        for what, file in output_files(self.trainer, self.subcommand == "fit"):
+            check_file_writable(file, what)
 
     def before_validate(self) -> None:
         self._check_before_running()
@@ -189,11 +227,33 @@ class VDUCLI(LightningCLI):
         self._check_before_running()
         # A resumed run restores its prior from the checkpoint; Lightning reads ckpt_path only
         # after the callbacks' setup, so CheckpointPrior is told here not to rebuild it (and
-        # the config saver to keep the config of the run this one continues).
+        # the config saver to keep the config of the run this one continues). `last` with
+        # nothing to resume was turned into None in parse_arguments: the prior is built.
         if self.config_init[self.subcommand].get("ckpt_path"):
             for callback in self.trainer.callbacks:
                 if isinstance(callback, (CheckpointPrior, RunConfigSaver)):
                     callback.resuming = True
+
+
+def _variance_floor(text: str) -> float:
+    """``--min-var``: NaN or a floor <= 0 would only fail once the prior is built."""
+    try:
+        return check_min_var(float(text))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+
+
+def _check_prior_out(out: str, checkpoints: list[str]) -> None:
+    """Refuse, before the checkpoints are read, an ``--out`` that would replace one of them
+    (or a file of a checkpoint directory) or that cannot be written."""
+    target = Path(out).resolve()  # ./a, a and a symbolic link to a are one file
+    for checkpoint in checkpoints:
+        source = Path(checkpoint).resolve()
+        if target == source or (target.exists() and source in target.parents):
+            which = "the checkpoint" if target == source else "a file of the checkpoint"
+            raise ValueError(f"--out {out} is {which} {checkpoint}: writing the prior there "
+                             "would replace an input; give --out a path of its own")
+    check_file_writable(out, "prior file (--out)")
 
 
 def prior_command(args: list[str]) -> None:
@@ -210,16 +270,17 @@ def prior_command(args: list[str]) -> None:
                         help="how the checkpoints relate (recorded in the file)")
     parser.add_argument("--include", nargs="+", default=None,
                         help="shell-style patterns of parameter names to cover (default: all)")
-    parser.add_argument("--min-var", type=float, default=DEFAULT_MIN_VAR,
-                        help="floor of the variance")
+    parser.add_argument("--min-var", type=_variance_floor, default=DEFAULT_MIN_VAR,
+                        help="floor of the variance (positive)")
     parser.add_argument("--weights", choices=sorted(WEIGHT_PREFIXES), default="ema",
                         help="EMA or raw weights of DiffusionModule checkpoints")
     options = parser.parse_args(args)
     try:
+        _check_prior_out(options.out, options.checkpoints)
         prior = ParameterPrior.from_checkpoints(options.checkpoints, options.source,
                                                 options.include, options.min_var,
                                                 options.weights)
-    except (FileNotFoundError, ValueError) as err:
+    except (OSError, ValueError) as err:
         parser.exit(2, f"vdu prior: error: {err}\n")
     prior.save(options.out)
     print(f"wrote {options.out}: {prior.describe()}")

@@ -5,18 +5,28 @@ No Lightning here: the LightningModules compose these functions.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
 
-from vdu_lightning.files import atomic_directory
+from vdu_lightning.files import PickledObjectsRefused, atomic_directory, load_checkpoint
 
 #: Sub-folders of a diffusers pipeline directory (the layout of e.g. ``google/ddpm-cifar10-32``).
 UNET_SUBFOLDER = "unet"
 SCHEDULER_SUBFOLDER = "scheduler"
+#: The weights files of a diffusers model folder; diffusers reads the first when it is there.
+SAFE_WEIGHTS, PICKLED_WEIGHTS = "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"
+#: At most this many tensor names in an error message.
+_SHOWN = 5
+#: How torch's load_state_dict reports a tensor of another shape (shortened in our messages).
+_SIZE_MISMATCH = re.compile(r"size mismatch for (\S+): copying a param with shape torch\.Size\("
+                            r"(\[.*?\])\) from checkpoint, the shape in current model is "
+                            r"torch\.Size\((\[.*?\])\)\.")
 
 
 def build_unet(config: dict[str, Any]) -> UNet2DModel:
@@ -58,10 +68,9 @@ def load_pretrained(path: str | os.PathLike) -> tuple[UNet2DModel, DDPMScheduler
             f"'{UNET_SUBFOLDER}/' and '{SCHEDULER_SUBFOLDER}/', or a bare UNet directory)"
         )
     if (path / UNET_SUBFOLDER / "config.json").is_file():
-        unet = UNet2DModel.from_pretrained(path, subfolder=UNET_SUBFOLDER, local_files_only=True,
-                                           low_cpu_mem_usage=False)
+        unet = _load_unet(path, UNET_SUBFOLDER)
     elif (path / "config.json").is_file():
-        unet = UNet2DModel.from_pretrained(path, local_files_only=True, low_cpu_mem_usage=False)
+        unet = _load_unet(path, None)
     else:
         raise FileNotFoundError(
             f"{path} holds no UNet: expected {path / UNET_SUBFOLDER / 'config.json'} "
@@ -74,6 +83,63 @@ def load_pretrained(path: str | os.PathLike) -> tuple[UNet2DModel, DDPMScheduler
     else:
         scheduler = build_scheduler()
     return unet, scheduler
+
+
+def _check_unet_folder(folder: Path) -> None:
+    """Refuse, before its weights are read, a folder holding another kind of model (an SD
+    pipeline's UNet2DConditionModel would be rebuilt as a UNet2DModel) or pickled objects
+    (diffusers' own error would advise weights_only=False)."""
+    config_file = folder / "config.json"
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        found = config.get("_class_name", "UNet2DModel")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+        raise ValueError(f"{config_file} is not a JSON object (a diffusers config): {err}") from err
+    if found != "UNet2DModel":
+        raise ValueError(
+            f"{config_file} describes a {found}, not a UNet2DModel: `pretrained` takes a DDPM "
+            "pipeline directory, a UNet2DModel directory or a DiffusionModule checkpoint"
+            + (". A Stable Diffusion pipeline is unlearned with TextToImageVDUModule"
+               if found == "UNet2DConditionModel" else "")
+        )
+    if not (folder / SAFE_WEIGHTS).is_file() and (folder / PICKLED_WEIGHTS).is_file():
+        try:
+            load_checkpoint(folder / PICKLED_WEIGHTS)  # memory-mapped: checks, reads little
+        except PickledObjectsRefused as err:
+            raise PickledObjectsRefused(
+                f"{err}. This project never loads pickled objects. If you trust the file, "
+                "convert it to safetensors once: torch.load(it, weights_only=False), then "
+                f"safetensors.torch.save_file(<its UNet tensors>, '{folder / SAFE_WEIGHTS}')"
+            ) from err
+
+
+def _load_unet(path: Path, subfolder: str | None) -> UNet2DModel:
+    """The UNet of a diffusers directory whose config.json and weights agree, tensor by tensor."""
+    folder = path / subfolder if subfolder else path
+    _check_unet_folder(folder)
+    misfit = f"the weights in {folder} do not fit its config.json: "
+    try:
+        # diffusers only warns of tensors missing from the weights (and draws them at random):
+        # the loading info says which.
+        unet, info = UNet2DModel.from_pretrained(
+            path, subfolder=subfolder, local_files_only=True, low_cpu_mem_usage=False,
+            output_loading_info=True)
+    except RuntimeError as err:  # torch's load_state_dict: one line per tensor of another shape
+        shapes = [_SIZE_MISMATCH.sub(r"\1: weights \2, config \3", line.strip())
+                  for line in str(err).splitlines()[1:] if line.strip()]
+        raise ValueError(misfit + f"{len(shapes)} tensors have other shapes, e.g. "
+                         f"{shapes[:_SHOWN]}") from err
+    missing, unexpected = sorted(info["missing_keys"]), sorted(info["unexpected_keys"])
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} tensors of the configured UNet are not in the weights, "
+                        f"e.g. {missing[:_SHOWN]}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} tensors of the weights are not in the configured "
+                        f"UNet, e.g. {unexpected[:_SHOWN]}")
+    if problems:
+        raise ValueError(misfit + "; ".join(problems))
+    return unet
 
 
 def sample_shape(unet: UNet2DModel) -> tuple[int, int, int]:

@@ -32,13 +32,36 @@ def check_directory_writable(path: str | os.PathLike, what: str = "output direct
     Example:
         >>> check_directory_writable("runs/mnist5k/ddpm", "ExportPretrained dirpath")
     """
+    _check_writable(Path(path), Path(path), what)
+
+
+def check_file_writable(path: str | os.PathLike, what: str = "output file") -> None:
+    """Raise if the file ``path`` could not be written; create nothing.
+
+    As ``check_directory_writable`` for its directory, and ``path`` must not be a directory:
+    found only when the file is moved into place, after the work that made it.
+
+    Raises:
+        IsADirectoryError: ``path`` is an existing directory.
+        NotADirectoryError, PermissionError: as ``check_directory_writable``.
+
+    Example:
+        >>> check_file_writable("runs/mnist5k/prior.safetensors", "CheckpointPrior save_to")
+    """
     path = Path(path)
-    existing = next((p for p in (path, *path.parents) if p.exists()), Path.cwd())
+    if path.is_dir():
+        raise IsADirectoryError(f"cannot write the {what} {path}: it is an existing directory; "
+                                "give the path of a file")
+    _check_writable(path.parent, path, what)
+
+
+def _check_writable(directory: Path, target: Path, what: str) -> None:
+    existing = next((p for p in (directory, *directory.parents) if p.exists()), Path.cwd())
     if not existing.is_dir():
-        raise NotADirectoryError(f"cannot write the {what} {path}: {existing} is a file, not a "
-                                 "directory")
+        raise NotADirectoryError(f"cannot write the {what} {target}: {existing} is a file, not "
+                                 "a directory")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise PermissionError(f"cannot write the {what} {path}: {existing} is not writable")
+        raise PermissionError(f"cannot write the {what} {target}: {existing} is not writable")
 
 
 def _check_parent_writable(path: Path) -> None:
@@ -107,13 +130,18 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text)
 
 
+class PickledObjectsRefused(ValueError):
+    """A file holds pickled objects other than tensors and plain values: never loaded."""
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Load a ``.ckpt``/``.pt`` file as plain tensors and values, never running pickled code.
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: the file is truncated or corrupt, or it holds objects other than plain
-            data (refused: unpickling them could run code).
+        ValueError: the file is truncated or corrupt.
+        PickledObjectsRefused: it holds objects other than plain data (unpickling them could
+            run code).
     """
     path = Path(path)
     if not path.is_file():
@@ -125,7 +153,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             raise ValueError(f"cannot load checkpoint {path}: it is corrupt ({err})") from err
         # torch's message goes on to suggest weights_only=False: keep only what it refused.
         refused = re.search(r"WeightsUnpickler error: (.+?\.)(?: |$)", str(err), re.MULTILINE)
-        raise ValueError(
+        raise PickledObjectsRefused(
             f"refused to load checkpoint {path}: it holds objects other than tensors and plain "
             "values, and unpickling them could run code; checkpoints are only loaded with "
             f"weights_only=True ({refused.group(1) if refused else 'see the cause above'})"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -34,6 +35,8 @@ SOURCES = CHECKPOINT_SOURCES + ("isotropic", "fisher")
 DEFAULT_MIN_VAR = 1e-8
 _METADATA_KEY = "vdu_prior"
 _FORMAT_VERSION = 1
+#: What ``ParameterPrior.load`` reads from a prior file's header.
+_HEADER_KEYS = ("names", "shapes", "dtypes", "count", "source", "min_var", "num_floored")
 #: At most this many mismatches are listed in an error message.
 _SHOWN = 5
 
@@ -49,6 +52,30 @@ def select_names(names: Iterable[str], include: Sequence[str] | None) -> list[st
     if include is None:
         return names
     return [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in include)]
+
+
+def check_min_var(min_var: float, what: str = "min_var") -> float:
+    """``min_var`` if it can floor a variance (positive and finite), else a ValueError.
+
+    Checked before any checkpoint is read: NaN or a floor <= 0 would only show as an invalid
+    variance once the prior is built.
+    """
+    if isinstance(min_var, bool) or not isinstance(min_var, (int, float)) or not (
+            math.isfinite(min_var) and min_var > 0):
+        raise ValueError(f"{what} must be a positive, finite variance floor (e.g. "
+                         f"{DEFAULT_MIN_VAR:g}), got {min_var!r}")
+    return float(min_var)
+
+
+def _check_header(meta: Any) -> None:
+    """Refuse a prior header that lacks a key ``load`` reads, or that covers no parameter."""
+    missing = [key for key in _HEADER_KEYS if key not in meta]
+    if missing:
+        raise ValueError(f"its header lacks {missing} (a prior header has {list(_HEADER_KEYS)})")
+    if not meta["names"]:
+        # A prior over nothing would leave every parameter free: no stability term at all.
+        raise ValueError("its header lists no parameter ('names' is empty): a prior covers at "
+                         "least one")
 
 
 def _floating(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -208,6 +235,7 @@ class ParameterPrior:
         min_var: float = DEFAULT_MIN_VAR,
     ) -> "ParameterPrior":
         """The prior of snapshots given one after another (each can be dropped once read)."""
+        check_min_var(min_var)
         moments = RunningMoments()
         index = 0
         for snapshot in snapshots:
@@ -319,6 +347,7 @@ class ParameterPrior:
                 if header is None:
                     raise ValueError("no prior metadata in its header")
                 meta = json.loads(header)
+                _check_header(meta)
                 mean = {n: handle.get_tensor(f"mean.{n}") for n in meta["names"]}
                 var = {n: handle.get_tensor(f"var.{n}") for n in meta["names"]}
         except Exception as err:  # safetensors, json and key errors all mean "not a prior"

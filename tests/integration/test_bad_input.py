@@ -15,8 +15,8 @@ checkpoint, its trajectory prior, a classifier and a finished short VDU run.
                                                        test_a_bad_checkpoint_file_is_refused
  4. a prior of another model (other names; same names, other shapes)
                                                        test_a_prior_file_that_cannot_serve
- 5. a prior file with NaN, with inf, with a negative variance
-                                                       test_a_prior_file_that_cannot_serve
+ 5. a prior file with NaN, with inf, with a negative variance; a header without ``count``
+    and ``min_var``, with no ``names``                 test_a_prior_file_that_cannot_serve
  6. a forget class absent from the data                test_a_forget_class_absent_from_the_data
  7. an empty forget set: a folder with no image, a forget_dataset with no item (by class
     path; the Python API is tests/unit/test_datamodules.py::
@@ -35,6 +35,25 @@ checkpoint, its trajectory prior, a classifier and a finished short VDU run.
 13. a failure half-way through an export               test_a_failure_half_way_through_an_export
 14. files the project writes are written atomically    test_the_package_writes_files_atomically
     (and the check itself finds each kind of write:    test_the_atomic_write_check_finds_...)
+15. ``vdu prior``: ``--out`` that is one of the checkpoints (given as ./path), a file of a
+    checkpoint directory, an existing directory; ``--min-var nan`` and ``-1``
+                                                       test_a_prior_command_that_would_replace...
+16. a prior file to write that is an existing directory: CheckpointPrior save_to,
+    PriorSnapshot path (the Python API: tests/unit/test_prior_callbacks.py)
+                                                       test_a_prior_file_to_write_that_is_a_...
+17. ``pretrained``: a Stable Diffusion pipeline; a config.json that is not JSON, or that does
+    not fit the weights (other widths, an attention block too many or too few); pickled .bin
+    weights, whose code never runs                     test_a_pretrained_directory_that_cannot...
+18. a forget folder whose metadata.jsonl names a file outside it (../, an absolute path), or
+    that holds a decompression-bomb PNG                test_a_forget_folder_reaching_outside...
+    (16-bit grey PNGs are read at their depth: tests/unit/test_data_folder.py::
+    test_a_16_bit_grey_png_is_read_at_its_depth)
+19. forget_classes naming every class                  test_forgetting_every_class_is_refused...
+20. a truncated or code-carrying last.ckpt under ``--ckpt_path last``
+                                                       test_a_bad_last_checkpoint_is_refused...
+21. a checkpoint whose prior holds NaN, through ``vdu`` and the API (the message names the
+    checkpoint)                                        test_a_checkpoint_whose_prior_holds_nan...
+22. ``lr`` <= 0                                        test_a_learning_rate_that_is_not_positive...
 """
 
 from __future__ import annotations
@@ -59,12 +78,14 @@ import yaml
 from diffusers import UNet2DModel
 from PIL import Image
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 
 import vdu_lightning.data.datamodules
 import vdu_lightning.modules.unlearning
 from conftest import CONFIGS, REPO, TINY_UNET
+from images import write_decompression_bomb
+from tiny_sd import save_tiny_sd
 from vdu_lightning import ClassifierModule, ForgetSetDataModule, ParameterPrior, VDUModule
 from vdu_lightning.callbacks import CheckpointPrior, ExportPretrained, NonFiniteLossError
 from vdu_lightning.cli import VDUCLI, main
@@ -152,10 +173,11 @@ def nothing_lost(before: dict[str, str], root: Path) -> list[str]:
     return sorted(set(after) - set(before))
 
 
-def vdu_callbacks(**init_args: dict) -> str:
-    """``--trainer.callbacks``: tiny_vdu.yaml's callbacks, with the given ones' init_args
-    replaced (by class name), e.g. ``vdu_callbacks(CheckpointPrior={"checkpoints": [...]})``."""
-    callbacks = yaml.safe_load(Path(TINY_VDU).read_text())["trainer"]["callbacks"]
+def vdu_callbacks(config: str = TINY_VDU, **init_args: dict) -> str:
+    """``--trainer.callbacks``: the callbacks of ``config`` (tiny_vdu.yaml), with the given
+    ones' init_args replaced (by class name), e.g.
+    ``vdu_callbacks(CheckpointPrior={"checkpoints": [...]})``."""
+    callbacks = yaml.safe_load(Path(config).read_text())["trainer"]["callbacks"]
     for callback in callbacks:
         name = callback["class_path"].rsplit(".", 1)[1]
         if name in init_args:
@@ -163,7 +185,7 @@ def vdu_callbacks(**init_args: dict) -> str:
             # config's: unset the config's own first.
             callback["init_args"] = {**dict.fromkeys(callback.get("init_args", {})),
                                      **init_args.pop(name)}
-    assert not init_args, f"no such callback in {TINY_VDU}: {list(init_args)}"
+    assert not init_args, f"no such callback in {config}: {list(init_args)}"
     return "--trainer.callbacks=" + json.dumps(callbacks)
 
 
@@ -275,7 +297,20 @@ def prior_with(kind: str, value: float) -> Any:
     return damage
 
 
+def prior_header(without: tuple[str, ...] = (), **header: Any) -> Any:
+    """A prior file whose header lacks the keys ``without``, or holds ``header``."""
+    def damage(path: Path) -> None:
+        tensors, metadata = _tensors_and_metadata(Path(PRIOR))
+        header_of = {**json.loads(metadata["vdu_prior"]), **header}
+        metadata["vdu_prior"] = json.dumps({k: v for k, v in header_of.items()
+                                            if k not in without})
+        save_file(tensors, str(path), metadata=metadata)
+    return damage
+
+
 BAD_VALUES = r"^runs/tests/bad_prior\.safetensors: "
+NOT_A_PRIOR = (r"^runs/tests/bad_prior\.safetensors is not a readable prior file \(a safetensors "
+               r"file written by ParameterPrior\.save / `vdu prior`\): ")
 BAD_PRIORS = {
     "other names": (prior_with_prefixed_names,
                     r"^the prior \(3 trajectory checkpoints, \d+ tensors\) does not match the "
@@ -292,6 +327,12 @@ BAD_PRIORS = {
                  BAD_VALUES + r"prior mean of 'conv_in\.weight' holds NaN or inf$"),
     "negative variance": (prior_with("var", -1.0), BAD_VALUES + r"prior variance of "
                           r"'conv_in\.weight' holds NaN, inf, zero or negative values"),
+    "header without count and min_var": (prior_header(without=("count", "min_var")),
+                                         NOT_A_PRIOR + r"its header lacks \['count', 'min_var'\] "
+                                         r"\(a prior header has \['names', "),
+    "header with no names": (prior_header(names=[], shapes=[], dtypes=[]),
+                             NOT_A_PRIOR + r"its header lists no parameter \('names' is empty\): "
+                             r"a prior covers at least one$"),
 }
 
 
@@ -438,8 +479,9 @@ def test_nan_during_training_stops_the_run_and_the_last_good_checkpoint_resumes(
     last = load_checkpoint(run / "last.ckpt")
     assert last["global_step"] == 2
     assert all(torch.isfinite(t).all() for t in last["state_dict"].values())
-    # Loadable: the run resumes from it (to step 3, short of the NaN step).
-    cli = VDUCLI(args=["fit", "--config", TINY_VDU, "--ckpt_path",
+    # Loadable: the run resumes from it (to step 3, short of the NaN step), with its class.
+    cli = VDUCLI(args=["fit", "--config", TINY_VDU, f"--model.class_path={__name__}.NaNAtStep",
+                       "--model.init_args.nan_step=3", "--ckpt_path",
                        "runs/tests/tiny_vdu/last.ckpt", "--trainer.max_steps=3"])
     assert cli.trainer.global_step == 3
     assert all(torch.isfinite(p).all() for p in cli.model.unet.parameters())
@@ -618,3 +660,244 @@ save_pretrained(unet, scheduler, path)
                    if isinstance(node, ast.Call) and _writes_a_file(node)
                    and node.lineno not in atomic)
     assert found == [2, 3, 4, 5, 6, 7, 8, 9, 10, 11]
+
+
+# ---- 15-16: `vdu prior` and the prior files a run writes ----------------------------------
+TWO_CHECKPOINTS = ["--checkpoints", "runs/tests/tiny_ddpm.ckpt", "runs/tests/tiny_ddpm"]
+FLOOR = r"argument --min-var: min_var must be a positive, finite variance floor \(e\.g\. 1e-08\)"
+PRIOR_COMMANDS = {
+    # ./x and x are one file.
+    "--out is a checkpoint": (["--out", "./runs/tests/tiny_ddpm.ckpt"],
+                              r"--out \./runs/tests/tiny_ddpm\.ckpt is the checkpoint "
+                              r"runs/tests/tiny_ddpm\.ckpt: writing the prior there would "
+                              r"replace an input; give --out a path of its own$"),
+    "--out is a file of a checkpoint": (
+        ["--out", "runs/tests/tiny_ddpm/unet/diffusion_pytorch_model.safetensors"],
+        r"--out runs/tests/tiny_ddpm/unet/diffusion_pytorch_model\.safetensors is a file of the "
+        r"checkpoint runs/tests/tiny_ddpm: writing the prior there would replace an input"),
+    "--out is a directory": (["--out", "runs/tests"], r"cannot write the prior file \(--out\) "
+                             r"runs/tests: it is an existing directory; give the path of a file$"),
+    "--min-var nan": (["--out", PRIOR, "--min-var", "nan"], FLOOR + ", got nan$"),
+    "--min-var -1": (["--out", PRIOR, "--min-var", "-1"], FLOOR + r", got -1\.0$"),
+}
+
+
+@pytest.mark.parametrize("case", PRIOR_COMMANDS)
+def test_a_prior_command_that_would_replace_an_input_or_cannot_floor_is_refused(
+        case: str, workspace: Path, reached: Counter, capsys) -> None:
+    arguments, message = PRIOR_COMMANDS[case]
+    before = written(workspace)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["prior", *TWO_CHECKPOINTS, *arguments])
+    assert exit_info.value.code == 2
+    assert re.search("^vdu prior: error: " + message, capsys.readouterr().err, re.MULTILINE)
+    stopped_before(reached, "prior built")
+    assert nothing_lost(before, workspace) == []
+
+
+PRIOR_FILES = {
+    "CheckpointPrior save_to": (TINY_VDU, {"CheckpointPrior": {
+        "checkpoints": TWO_CHECKPOINTS[1:], "save_to": "runs/tests"}}),
+    "PriorSnapshot path": (str(CONFIGS / "tests" / "tiny_pretrain.yaml"),
+                           {"PriorSnapshot": {"path": "runs/tests", "every_n_steps": 2}}),
+}
+
+
+@pytest.mark.parametrize("what", PRIOR_FILES)
+def test_a_prior_file_to_write_that_is_a_directory_is_refused_before_data_are_read(
+        what: str, workspace: Path, reached: Counter) -> None:
+    config, init_args = PRIOR_FILES[what]
+    before = written(workspace)
+    with pytest.raises(IsADirectoryError, match=rf"^cannot write the {what} runs/tests: it is "
+                                                r"an existing directory; give the path of a "
+                                                r"file$"):
+        main(["fit", "--config", config, vdu_callbacks(config, **init_args)])
+    stopped_before(reached, "data read")
+    assert nothing_lost(before, workspace) == []
+
+
+# ---- 17: a `pretrained` directory that cannot serve -----------------------------------------
+def sd_pipeline(workspace: Path) -> str:
+    save_tiny_sd(workspace / "runs/tests/sd")
+    return "runs/tests/sd"
+
+
+def ddpm_with_config(**changes: Any) -> Any:
+    """A copy of the tiny DDPM whose unet/config.json holds ``changes``."""
+    def make(workspace: Path) -> str:
+        shutil.copytree(workspace / "runs/tests/tiny_ddpm", workspace / "runs/tests/bad_ddpm")
+        config_file = workspace / "runs/tests/bad_ddpm/unet/config.json"
+        config_file.write_text(json.dumps({**json.loads(config_file.read_text()), **changes}))
+        return "runs/tests/bad_ddpm"
+    return make
+
+
+def ddpm_with_weights_of_an_attention_block(workspace: Path) -> str:
+    make = ddpm_with_config(add_attention=True)
+    unet = workspace / "runs/tests/bad_ddpm/unet"
+    path = make(workspace)
+    UNet2DModel.from_config(json.loads((unet / "config.json").read_text())).save_pretrained(unet)
+    config = json.loads((unet / "config.json").read_text())
+    (unet / "config.json").write_text(json.dumps({**config, "add_attention": False}))
+    return path
+
+
+def ddpm_with_pickled_weights(workspace: Path) -> str:
+    path = ddpm_with_config()(workspace)
+    weights = workspace / path / "unet/diffusion_pytorch_model.safetensors"
+    state = load_file(str(weights))
+    torch.save({**state, "extra": RunsCode(workspace / "pwned")}, weights.with_suffix(".bin"))
+    weights.unlink()
+    return path
+
+
+def ddpm_with_a_config_that_is_not_json(workspace: Path) -> str:
+    path = ddpm_with_config()(workspace)
+    (workspace / path / "unet/config.json").write_text('{"_class_name": "UNet2DModel",\n')
+    return path
+
+
+WIDTHS = r"\[16, 1, 3, 3\], config \[32, 1, 3, 3\]"
+PRETRAINED = {
+    "an SD pipeline": (sd_pipeline, r"^runs/tests/sd/unet/config\.json describes a "
+                       r"UNet2DConditionModel, not a UNet2DModel: `pretrained` takes a DDPM "
+                       r"pipeline directory, a UNet2DModel directory or a DiffusionModule "
+                       r"checkpoint\. A Stable Diffusion pipeline is unlearned with "
+                       r"TextToImageVDUModule$"),
+    "a config.json that is not JSON": (ddpm_with_a_config_that_is_not_json,
+                                       r"^runs/tests/bad_ddpm/unet/config\.json is not a JSON "
+                                       r"object \(a diffusers config\): Expecting"),
+    "a config of other widths": (ddpm_with_config(block_out_channels=[32, 64]),
+                                 r"^the weights in runs/tests/bad_ddpm/unet do not fit its "
+                                 r"config\.json: \d+ tensors have other shapes, e\.g\. "
+                                 rf"\['conv_in\.weight: weights {WIDTHS}'"),
+    "a config with an attention block the weights lack": (
+        ddpm_with_config(add_attention=True), r"^the weights in runs/tests/bad_ddpm/unet do not "
+        r"fit its config\.json: 10 tensors of the configured UNet are not in the weights, e\.g\. "
+        r"\['mid_block\.attentions\.0\.group_norm\.bias'"),
+    "weights with an attention block the config lacks": (
+        ddpm_with_weights_of_an_attention_block, r"^the weights in runs/tests/bad_ddpm/unet do "
+        r"not fit its config\.json: 10 tensors of the weights are not in the configured UNet"),
+    "pickled weights": (ddpm_with_pickled_weights, r"^refused to load checkpoint runs/tests/"
+                        r"bad_ddpm/unet/diffusion_pytorch_model\.bin: it holds objects other "
+                        r"than tensors .*\. This project never loads pickled objects\. If you "
+                        r"trust the file, convert it to safetensors once: torch\.load\(it, "
+                        r"weights_only=False\), then safetensors\.torch\.save_file\(<its UNet "
+                        r"tensors>, 'runs/tests/bad_ddpm/unet/diffusion_pytorch_model\."
+                        r"safetensors'\)$"),
+}
+
+
+@pytest.mark.parametrize("case", PRETRAINED)
+def test_a_pretrained_directory_that_cannot_serve_is_refused_before_data_are_read(
+        case: str, workspace: Path, reached: Counter) -> None:
+    make, message = PRETRAINED[case]
+    pretrained = make(workspace)
+    before = written(workspace)
+    with pytest.raises(ValueError, match=message):
+        main(["fit", "--config", TINY_VDU, f"--model.init_args.pretrained={pretrained}"])
+    assert not (workspace / "pwned").exists(), "loading the weights ran the code they carry"
+    assert reached["model read"] == 1
+    stopped_before(reached, "data read")
+    assert nothing_lost(before, workspace) == []
+
+
+# ---- 18-19: a forget folder reaching outside or holding a bomb; every class forgotten ----
+def forget_folder(workspace: Path, case: str) -> None:
+    folder = workspace / "forget"
+    folder.mkdir()
+    for name in ("secret.png", "forget/a.png"):
+        Image.new("L", (8, 8), 200).save(workspace / name)
+    if case == "a decompression bomb":
+        write_decompression_bomb(folder / "bomb.png")
+        return
+    outside = "../secret.png" if case == "../ in metadata.jsonl" else str(workspace / "secret.png")
+    (folder / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png"}) + "\n"
+                                           + json.dumps({"file_name": outside}) + "\n")
+
+
+OUTSIDE = (r"^forget/metadata\.jsonl, line 2: file_name '{}' is outside forget: file names are "
+           r"paths relative to the folder, inside it \(e\.g\. 'images/0001\.png'\)$")
+FORGET_FOLDERS = {
+    "../ in metadata.jsonl": OUTSIDE.format(r"\.\./secret\.png"),
+    "an absolute path in metadata.jsonl": OUTSIDE.format(r"/\S+/secret\.png"),
+    "a decompression bomb": r"^forget/bomb\.png is refused as a possible decompression bomb \(",
+}
+
+
+@pytest.mark.parametrize("case", FORGET_FOLDERS)
+def test_a_forget_folder_reaching_outside_or_holding_a_bomb_is_refused_before_data_are_read(
+        case: str, workspace: Path, reached: Counter) -> None:
+    forget_folder(workspace, case)
+    before = written(workspace)
+    with pytest.raises(ValueError, match=FORGET_FOLDERS[case]):
+        main(["fit", "--config", TINY_VDU, "--data.init_args.forget_classes=null",
+              "--data.init_args.forget_folder=forget"])
+    stopped_before(reached, "data read")
+    assert nothing_lost(before, workspace) == []
+
+
+def test_forgetting_every_class_is_refused_before_data_are_read(workspace: Path,
+                                                                reached: Counter) -> None:
+    before = written(workspace)
+    with pytest.raises(ValueError, match=r"^forget_classes=\[0, 1, 2, 3, 4, 5, 6, 7, 8, 9\] names "
+                                         r"every class of dataset 'digits': no class is left to "
+                                         r"retain \(the retain evaluation needs one\); forget "
+                                         r"fewer classes$"):
+        main(["fit", "--config", TINY_VDU, f"--data.init_args.forget_classes={list(range(10))}"])
+    stopped_before(reached, "data read")
+    assert nothing_lost(before, workspace) == []
+
+
+# ---- 20-22: a run's own checkpoint and arguments ------------------------------------------
+@pytest.mark.parametrize("problem", ["truncated", "pickled code"])
+def test_a_bad_last_checkpoint_is_refused_before_the_model_is_read(
+        problem: str, workspace: Path, reached: Counter) -> None:
+    make, error, message = PROBLEMS[problem]
+    shutil.move(workspace / make(workspace), workspace / "runs/tests/tiny_vdu/last.ckpt")
+    before = written(workspace)
+    message = message.replace(r"runs/tests/bad\.ckpt", r"runs/tests/tiny_vdu/last\.ckpt")
+    with pytest.raises(error, match="^ckpt_path: " + message):
+        main(["fit", "--config", TINY_VDU, "--ckpt_path", "last"])
+    assert not (workspace / "pwned").exists(), "loading the checkpoint ran the code it carries"
+    stopped_before(reached, "model read")
+    assert nothing_lost(before, workspace) == []
+
+
+@pytest.mark.parametrize("through", ["vdu", "API"])
+def test_a_checkpoint_whose_prior_holds_nan_is_named(through: str, workspace: Path,
+                                                     reached: Counter) -> None:
+    content = load_checkpoint(workspace / "runs/tests/tiny_vdu/last.ckpt")
+    var = content["vdu_prior"]["var"]["conv_in.weight"].clone()
+    var[0, 0, 0, 0] = math.nan
+    content["vdu_prior"]["var"]["conv_in.weight"] = var
+    torch.save(content, workspace / "runs/tests/nan_prior.ckpt")
+    before = written(workspace)
+    message = (r"the checkpoint runs/tests/nan_prior\.ckpt holds a prior \(key 'vdu_prior'\) "
+               r"that cannot be used: prior variance of 'conv_in\.weight' holds NaN")
+    if through == "vdu":
+        with pytest.raises(ValueError, match="^ckpt_path: " + message):
+            main(["fit", "--config", TINY_VDU, "--ckpt_path", "runs/tests/nan_prior.ckpt"])
+        stopped_before(reached, "model read")
+    else:  # the checkpoint is read where Lightning reads it, after the model and the data
+        trainer = pl.Trainer(accelerator="cpu", max_steps=3, logger=False,
+                             enable_checkpointing=False, enable_progress_bar=False,
+                             limit_val_batches=0)
+        data = ForgetSetDataModule(dataset="digits", forget_classes=[3], forget_size=32,
+                                   eval_size=16, batch_size=16)
+        with pytest.raises(ValueError, match="^" + message):
+            trainer.fit(VDUModule("runs/tests/tiny_ddpm", lr=1e-3), datamodule=data,
+                        ckpt_path="runs/tests/nan_prior.ckpt", weights_only=True)
+        stopped_before(reached, "training step")
+    assert nothing_lost(before, workspace) == []
+
+
+@pytest.mark.parametrize("lr", ["0", "-1e-3"])
+def test_a_learning_rate_that_is_not_positive_is_refused_before_the_model_is_read(
+        lr: str, workspace: Path, reached: Counter) -> None:
+    before = written(workspace)
+    with pytest.raises(ValueError, match=rf"^lr must be a positive, finite learning rate, got "
+                                         rf"{float(lr)}$"):
+        main(["fit", "--config", TINY_VDU, f"--model.init_args.lr={lr}"])
+    stopped_before(reached, "model read")
+    assert nothing_lost(before, workspace) == []

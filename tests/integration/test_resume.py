@@ -5,31 +5,17 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from unlearning_runs import run_vdu, subprocess_env, tiny_job, vdu_command
+from unlearning_runs import run_vdu, subprocess_env, tiny_job, vdu_command, wait_for_step
 from vdu_lightning.checkpoints import read_unet_weights
 from vdu_lightning.files import load_checkpoint
 
 pytestmark = pytest.mark.timeout(300)
 MAX_STEPS = 14  # 4 batches an epoch: the job crosses epochs and is killed inside one
-
-
-def _wait_for_step(checkpoint: Path, process: subprocess.Popen, least: int) -> int:
-    """The step of ``checkpoint`` once it is at least ``least`` (while the job still runs)."""
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        assert process.poll() is None, "the job ended before it could be killed"
-        if checkpoint.exists():
-            step = load_checkpoint(checkpoint)["global_step"]  # files are replaced atomically
-            if step >= least:
-                return step
-        time.sleep(0.05)
-    raise TimeoutError(f"{checkpoint} never reached step {least}")
 
 
 def test_a_killed_job_resumes_from_last_and_matches_an_uninterrupted_run(
@@ -49,7 +35,7 @@ def test_a_killed_job_resumes_from_last_and_matches_an_uninterrupted_run(
                            cwd=killed, env=subprocess_env(),
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        killed_at = _wait_for_step(killed / "checkpoints" / "last.ckpt", job, least=5)
+        killed_at = wait_for_step(killed / "checkpoints" / "last.ckpt", job, least=5)
         job.send_signal(signal.SIGKILL)
         job.wait(timeout=30)
     finally:

@@ -1,4 +1,5 @@
-"""A real wandb run in offline mode: metrics, a sample grid and the resolved config."""
+"""A real wandb run in offline mode: metrics, a sample grid and the resolved config (under
+a name of its own: ``files/config.yaml`` is W&B's run config)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import numpy as np
 import wandb
 from PIL import Image
 from conftest import CONFIGS
-from vdu_lightning.cli import main
+from vdu_lightning.cli import VDUCLI, main
 
 
 def test_offline_wandb_run_holds_sample_grid_and_config(tmp_path: Path) -> None:
@@ -30,11 +31,24 @@ def test_offline_wandb_run_holds_sample_grid_and_config(tmp_path: Path) -> None:
         logged_pixels = np.asarray(Image.open(logged).convert("RGB"))
         assert np.array_equal(logged_pixels, np.asarray(Image.open(saved).convert("RGB")))
         assert logged_pixels.mean() > 20
-    config = (run / "files" / "config.yaml").read_text()
+    config = (run / "files" / "lightning_config.yaml").read_text()
     assert "class_path: vdu_lightning.DiffusionModule" in config
+    assert not (run / "files" / "config.yaml").exists()
     # A second run must not be refused because a config exists (W&B has no versioned log dir).
     main(["fit", "--config", str(CONFIGS / "tests" / "tiny_pretrain.yaml"),
           "--config", str(CONFIGS / "logger" / "wandb.yaml"),
           f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}"])
     wandb.finish()
     assert len(list((tmp_path / "logs" / "wandb").glob("offline-run-*"))) == 2
+
+
+def test_the_wandb_preset_over_a_csv_logger_keeps_nothing_of_it(tmp_path: Path) -> None:
+    cli = VDUCLI(args=["fit", "--config", str(CONFIGS / "tests" / "tiny_pretrain.yaml"),
+                       "--config", str(CONFIGS / "logger" / "csv.yaml"),
+                       "--config", str(CONFIGS / "logger" / "wandb.yaml"),
+                       f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
+                       "--trainer.max_steps=1", "--trainer.callbacks=[]"])
+    run_name = cli.trainer.logger.experiment.name
+    wandb.finish()
+    assert run_name != "csv"  # csv.yaml's name, which the W&B run kept before
+    assert cli.config["fit"]["trainer"]["logger"]["init_args"]["name"] is None

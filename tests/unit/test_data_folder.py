@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from images import write_decompression_bomb
 from vdu_lightning.data import CaptionedImageFolder, load_dataset
 
 
@@ -90,4 +92,51 @@ def test_metadata_paths_are_normalised_and_bad_labels_named(tmp_path: Path) -> N
     assert CaptionedImageFolder(tmp_path, image_size=4).captions == ["dot"]
     (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.png", "label": "cat"}\n')
     with pytest.raises(ValueError, match="label of 'a.png' must be an integer, got 'cat'"):
+        CaptionedImageFolder(tmp_path)
+
+
+def test_a_16_bit_grey_png_is_read_at_its_depth(tmp_path: Path) -> None:
+    # A quarter and three quarters of the 16-bit range: -0.5 and 0.5 in [-1, 1]. Converted to
+    # 8 bits by Pillow, both would clip to 255 (white, 1.0).
+    pixels = np.full((8, 8), 0x4000, dtype=np.uint16)
+    pixels[:, 4:] = 0xC000
+    Image.fromarray(pixels).save(tmp_path / "deep.png")
+    assert (tmp_path / "deep.png").read_bytes()[24] == 16  # IHDR bit depth: a real 16-bit PNG
+    expected = torch.full((8, 8), 0x4000 / 65535 * 2 - 1)
+    expected[:, 4:] = 0xC000 / 65535 * 2 - 1
+    grey = CaptionedImageFolder(tmp_path, image_size=8, channels=1)[0]["image"]
+    torch.testing.assert_close(grey, expected[None])
+    # Resized and as RGB: the grey value in each channel, as for an 8-bit grey image.
+    Image.fromarray(np.full((16, 16), 0xC000, dtype=np.uint16)).save(tmp_path / "deep.png")
+    rgb = CaptionedImageFolder(tmp_path, image_size=4, channels=3)[0]["image"]
+    torch.testing.assert_close(rgb, torch.full((3, 4, 4), 0xC000 / 65535 * 2 - 1))
+
+
+@pytest.mark.parametrize("file_name", ["../outside.png", "sub/../../outside.png", "ABSOLUTE"])
+def test_a_metadata_file_name_outside_the_folder_is_refused(tmp_path: Path,
+                                                            file_name: str) -> None:
+    save_image(tmp_path / "outside.png", 7)
+    save_image(tmp_path / "forget" / "a.png", 9)
+    file_name = str(tmp_path / "outside.png") if file_name == "ABSOLUTE" else file_name
+    (tmp_path / "forget" / "metadata.jsonl").write_text(
+        json.dumps({"file_name": file_name, "text": "x"}) + "\n")
+    with pytest.raises(ValueError, match=rf"metadata\.jsonl, line 1: file_name "
+                                         rf"'{re.escape(file_name)}' is outside \S*forget: file "
+                                         r"names are paths relative to the folder, inside it"):
+        CaptionedImageFolder(tmp_path / "forget")
+
+
+def test_a_decompression_bomb_is_named_when_checked_and_when_read(tmp_path: Path) -> None:
+    save_image(tmp_path / "a.png", 1)
+    write_decompression_bomb(tmp_path / "bomb.png")
+    message = (r"bomb\.png is refused as a possible decompression bomb \(Image size \(196000000 "
+               r"pixels\) exceeds limit .*\)\. Make it smaller, or, if you trust it, raise "
+               r"PIL\.Image\.MAX_IMAGE_PIXELS$")
+    folder = CaptionedImageFolder(tmp_path, image_size=4)
+    with pytest.raises(ValueError, match=message):
+        folder.check_images()
+    with pytest.raises(ValueError, match=message):
+        folder[1]
+    (tmp_path / "a.png").unlink()  # the bomb is now the first image, read for its size
+    with pytest.raises(ValueError, match=message):
         CaptionedImageFolder(tmp_path)

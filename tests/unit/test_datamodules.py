@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -88,6 +89,10 @@ def test_retain_set_gives_combined_batches() -> None:
         ({"forget_classes": [1], "dataset": "cifar10"}, "set `root`"),
         ({"forget_classes": [1], "batch_size": 0}, "batch_size must be a positive int"),
         ({"forget_classes": [1], "image_size": -4}, "image_size must be a positive int"),
+        ({"forget_classes": list(range(10))},
+         r"^forget_classes=\[0, 1, 2, 3, 4, 5, 6, 7, 8, 9\] names every class of dataset "
+         r"'mnist5k': no class is left to retain \(the retain evaluation needs one\)"),
+        ({"forget_classes": [1], "retain_classes": []}, "^retain_classes is empty"),
     ],
 )
 def test_bad_arguments_are_refused_before_any_data_are_read(kwargs, message) -> None:
@@ -105,6 +110,19 @@ def test_empty_forget_set_is_refused_at_setup(tmp_path: Path) -> None:
     dm = ForgetSetDataModule(dataset="folder", root=str(tmp_path), forget_classes=[5],
                              val_fraction=0.3)
     with pytest.raises(ValueError, match="the forget set is empty"):
+        dm.setup("fit")
+
+
+def test_forgetting_every_class_of_a_folder_is_refused_once_its_labels_are_read(
+        tmp_path: Path) -> None:
+    for i in range(6):
+        Image.fromarray(np.full((4, 4, 3), i, dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    rows = [{"file_name": f"{i}.png", "label": i % 2} for i in range(6)]
+    (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    dm = ForgetSetDataModule(dataset="folder", root=str(tmp_path), forget_classes=[0, 1],
+                             val_fraction=0.3)
+    with pytest.raises(ValueError, match=r"^forget_classes=\[0, 1\] names every class of "
+                                         r"dataset 'folder': no class is left to retain"):
         dm.setup("fit")
 
 

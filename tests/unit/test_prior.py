@@ -497,10 +497,13 @@ def test_loading_a_file_that_is_not_safetensors_is_refused(tmp_path: Path) -> No
         ParameterPrior.load(tmp_path / "junk.safetensors")
 
 
-def _hand_written_prior(path: Path, var: torch.Tensor) -> None:
+def _hand_written_prior(path: Path, var: torch.Tensor, without: tuple[str, ...] = (),
+                        **header: object) -> None:
+    """A prior file written by hand: its header ``without`` some keys, or with others."""
     meta = {"format_version": 1, "source": "trajectory", "count": 3, "min_var": 1e-8,
             "num_floored": 0, "names": ["layer.weight"], "shapes": [list(var.shape)],
-            "dtypes": ["float32"]}
+            "dtypes": ["float32"], **header}
+    meta = {key: value for key, value in meta.items() if key not in without}
     save_file({"mean.layer.weight": torch.zeros(var.shape), "var.layer.weight": var},
               str(path), metadata={"vdu_prior": json.dumps(meta)})
 
@@ -520,6 +523,36 @@ def test_a_prior_file_with_an_invalid_variance_is_refused(tmp_path: Path, bad: f
         ParameterPrior.load(path)
     message = str(info.value)
     assert "layer.weight" in message and "variance" in message and "bad.safetensors" in message
+
+
+@pytest.mark.parametrize("without, header, message", [
+    (("count",), {}, r"its header lacks \['count'\]"),
+    (("count", "min_var"), {}, r"its header lacks \['count', 'min_var'\]"),
+    ((), {"names": [], "shapes": [], "dtypes": []},
+     r"its header lists no parameter \('names' is empty\)"),
+])
+def test_a_prior_file_header_without_a_key_or_a_parameter_is_refused(
+        tmp_path: Path, without: tuple[str, ...], header: dict, message: str) -> None:
+    path = tmp_path / "bad.safetensors"
+    _hand_written_prior(path, torch.tensor([1.0, 2.0]), without, **header)
+    with pytest.raises(ValueError, match=r"^\S*bad\.safetensors is not a readable prior file "
+                                         r"\(.*\): " + message):
+        ParameterPrior.load(path)
+
+
+@pytest.mark.parametrize("min_var", [float("nan"), -1.0, 0.0, float("inf")])
+def test_a_variance_floor_that_cannot_floor_is_refused_before_a_snapshot_is_read(
+        min_var: float) -> None:
+    read = []
+
+    def snapshots():
+        read.append(1)
+        yield from _snapshots(k=2)
+
+    with pytest.raises(ValueError, match=r"^min_var must be a positive, finite variance floor "
+                                         rf"\(e\.g\. 1e-08\), got {min_var}$"):
+        ParameterPrior.from_tensors(snapshots(), "trajectory", min_var=min_var)
+    assert not read
 
 
 def test_a_failed_save_leaves_the_existing_prior_intact(tmp_path: Path,

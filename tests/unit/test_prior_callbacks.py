@@ -169,3 +169,31 @@ def test_checkpoint_prior_needs_exactly_one_source() -> None:
         CheckpointPrior(checkpoints=["a", "b"], prior="p.safetensors")
     with pytest.raises(ValueError, match="source must be one of"):
         CheckpointPrior(prior="p.safetensors", source="sideways")
+
+
+@pytest.mark.parametrize("callback", [PriorSnapshot, CheckpointPrior])
+def test_a_variance_floor_that_cannot_floor_is_refused_when_the_callback_is_made(
+        callback: type) -> None:
+    source = {"path": "p.safetensors"} if callback is PriorSnapshot else {"checkpoints": ["a", "b"]}
+    with pytest.raises(ValueError, match=rf"^{callback.__name__} min_var must be a positive, "
+                                         r"finite variance floor \(e\.g\. 1e-08\), got nan$"):
+        callback(**source, min_var=float("nan"))
+
+
+def test_a_prior_file_to_write_that_is_a_directory_is_refused_before_the_prior_is_made(
+        tmp_path: Path, tiny_unet_config: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "taken").mkdir()
+    snapshot = PriorSnapshot(str(tmp_path / "taken"), every_n_steps=1)
+    with pytest.raises(IsADirectoryError, match=r"^cannot write the PriorSnapshot path \S*taken: "
+                                                r"it is an existing directory; give the path of "
+                                                r"a file$"):
+        fit(tmp_path, DiffusionModule(unet=tiny_unet_config), [snapshot], max_steps=3)
+    DiffusionModule(unet=tiny_unet_config).save_pretrained(tmp_path / "m")
+    built = []
+    monkeypatch.setattr(CheckpointPrior, "build", lambda self: built.append(self))
+    callback = CheckpointPrior(checkpoints=[str(tmp_path / "m")] * 2,
+                               save_to=str(tmp_path / "taken"))
+    with pytest.raises(IsADirectoryError, match=r"^cannot write the CheckpointPrior save_to "
+                                                r"\S*taken: it is an existing directory"):
+        fit(tmp_path, VDUModule(str(tmp_path / "m")), [callback], max_steps=1)
+    assert not built

@@ -16,6 +16,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from vdu_lightning.checkpoints import WEIGHT_PREFIXES
+from vdu_lightning.files import check_file_writable
 from vdu_lightning.losses import check_choice
 from vdu_lightning.modules.compat import check_precision
 from vdu_lightning.prior import (
@@ -23,6 +24,7 @@ from vdu_lightning.prior import (
     DEFAULT_MIN_VAR,
     ParameterPrior,
     RunningMoments,
+    check_min_var,
     select_names,
 )
 
@@ -75,10 +77,10 @@ class PriorSnapshot(pl.Callback):
                              f"{every_n_steps} and {start_step}")
         check_choice("weights", weights, list(WEIGHT_PREFIXES))
         check_choice("source", source, ["trajectory", "finetune"])
+        self.min_var = check_min_var(min_var, "PriorSnapshot min_var")
         self.path, self.every_n_steps, self.start_step = path, every_n_steps, start_step
         self.weights, self.source = weights, source
         self.include = list(include) if include is not None else None
-        self.min_var = min_var
         self.moments = RunningMoments()
         self._last_step = -1
         self._start_weights: dict[str, torch.Tensor] | None = None
@@ -104,6 +106,8 @@ class PriorSnapshot(pl.Callback):
         names = select_names(dict(self._network(pl_module).named_parameters()), self.include)
         if not names:
             raise ValueError(f"PriorSnapshot: no parameter matches include={self.include}")
+        # The file is written when fit ends: a directory there would only be found then.
+        check_file_writable(self.path, "PriorSnapshot path")
         if trainer.max_steps > 0:
             expected = max(0, (trainer.max_steps - self.start_step) // self.every_n_steps)
             if expected < 2:
@@ -212,6 +216,7 @@ class CheckpointPrior(pl.Callback):
                              "directories) or `prior` (a prior file)")
         check_choice("source", source, CHECKPOINT_SOURCES)
         check_choice("weights", weights, list(WEIGHT_PREFIXES))
+        check_min_var(min_var, "CheckpointPrior min_var")
         self.checkpoints = list(checkpoints) if checkpoints is not None else None
         self.prior_path = prior
         self.source, self.include, self.min_var = source, include, min_var
@@ -233,6 +238,8 @@ class CheckpointPrior(pl.Callback):
                             f"{type(pl_module).__name__} has none")
         # Before the (possibly long) build: the module would refuse it in its own setup.
         check_precision(trainer, type(pl_module).__name__)
+        if self.save_to is not None:
+            check_file_writable(self.save_to, "CheckpointPrior save_to")
         prior = self.build()
         pl_module.set_prior(prior)
         rank_zero_info(prior.describe())

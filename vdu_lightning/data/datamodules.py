@@ -224,6 +224,9 @@ class ForgetSetDataModule(VDUDataModule):
             retain = [c for c in known if c not in forget] if known else None
         else:
             retain = sorted(set(retain_classes))
+            if not retain:
+                raise ValueError("retain_classes is empty: name at least one class to retain, "
+                                 "or leave it unset (every class not forgotten)")
         unknown = [c for c in forget + (retain or []) if known and c not in known]
         if unknown:
             raise ValueError(
@@ -234,7 +237,17 @@ class ForgetSetDataModule(VDUDataModule):
         if overlap:
             raise ValueError(f"forget and retain classes overlap on {overlap}: they must differ")
         self.forget_classes, self.retain_classes = forget, retain
+        self._check_a_class_is_retained()
         self.forget_dataset = forget_dataset
+
+    def _check_a_class_is_retained(self) -> None:
+        # Else the retain evaluation would be empty, and only found so after the data are read.
+        if self.retain_classes == []:
+            raise ValueError(
+                f"forget_classes={self.forget_classes} names every class of dataset "
+                f"{self.hparams.dataset!r}: no class is left to retain (the retain evaluation "
+                "needs one); forget fewer classes"
+            )
 
     def _forget_pool(self) -> Any:
         """The user-given forget data (folder or data set), or None for forget classes."""
@@ -250,14 +263,19 @@ class ForgetSetDataModule(VDUDataModule):
         hp = self.hparams
         generator = torch.Generator().manual_seed(hp.subset_seed)
         given = self._forget_pool()
-        train = self.load("train")
-        if self.retain_classes is None:
-            self.retain_classes = [c for c in train.classes if c not in self.forget_classes]
         if given is not None:
             self.forget_set = _random_cap(
                 given, torch.ones(len(given), dtype=torch.bool), hp.forget_size, generator
             )
-        else:
+            if isinstance(self.forget_set, CaptionedImageFolder):
+                # Its images are decoded in training: a file that cannot be opened is named
+                # now, before the data are read and the prior is built.
+                self.forget_set.check_images()
+        train = self.load("train")
+        if self.retain_classes is None:
+            self.retain_classes = [c for c in train.classes if c not in self.forget_classes]
+            self._check_a_class_is_retained()
+        if given is None:
             forget_mask = torch.isin(train.labels, torch.tensor(self.forget_classes))
             self.forget_set = _random_cap(train, forget_mask, hp.forget_size, generator)
         if len(self.forget_set) == 0:

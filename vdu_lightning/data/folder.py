@@ -9,9 +9,11 @@ would not fit in memory as floats.
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Sequence
-from pathlib import Path, PurePosixPath
+import posixpath
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,6 +25,9 @@ from vdu_lightning.data.datasets import check_image_size, resize_and_scale
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 METADATA_FILE = "metadata.jsonl"
+#: Pillow's modes of 16-bit grey PNGs ("I" in older Pillow). Pillow reduces 16-bit colour
+#: PNGs to 8 bits itself, but converting these to "L" clips every value above 255.
+_GREY_16_BIT_MODES = ("I;16", "I;16B", "I;16L", "I")
 
 
 def _read_metadata(folder: Path) -> dict[str, dict]:
@@ -39,8 +44,28 @@ def _read_metadata(folder: Path) -> dict[str, dict]:
         if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
             raise ValueError(f"{path}, line {number}: each line needs a string 'file_name'")
         # "./a.png" and "a.png" name the same file: keys are normalised like the paths.
-        rows[PurePosixPath(row["file_name"]).as_posix()] = row
+        name = posixpath.normpath(row["file_name"])
+        if posixpath.isabs(name) or name == ".." or name.startswith("../"):
+            raise ValueError(f"{path}, line {number}: file_name {row['file_name']!r} is outside "
+                             f"{folder}: file names are paths relative to the folder, inside it "
+                             "(e.g. 'images/0001.png')")
+        rows[name] = row
     return rows
+
+
+@contextlib.contextmanager
+def _open_image(path: Path) -> Iterator[Image.Image]:
+    """``Image.open(path)``, its errors (also while decoding in the block) naming the file."""
+    try:
+        with Image.open(path) as image:
+            yield image
+    except Image.DecompressionBombError as err:  # not an OSError
+        raise ValueError(
+            f"{path} is refused as a possible decompression bomb ({err}). Make it smaller, or, "
+            "if you trust it, raise PIL.Image.MAX_IMAGE_PIXELS"
+        ) from err
+    except (UnidentifiedImageError, OSError) as err:
+        raise ValueError(f"{path} is not a readable image (corrupt or truncated): {err}") from err
 
 
 def _caption_of(row: dict | None, image: Path) -> str:
@@ -68,12 +93,14 @@ class CaptionedImageFolder(Dataset):
     Args:
         root: the folder.
         image_size: side of the returned images; None takes the first image's shorter side.
-        channels: 3 (RGB) or 1 (grey); every image is converted.
+        channels: 3 (RGB) or 1 (grey); every image is converted (16-bit grey PNGs from
+            their full depth).
 
     Raises:
         FileNotFoundError: ``root`` is not a folder, or holds no image, or ``metadata.jsonl``
             names a file that is not there.
-        ValueError: a malformed ``metadata.jsonl`` line, or a bad argument.
+        ValueError: a malformed ``metadata.jsonl`` line (also a ``file_name`` outside the
+            folder), or a bad argument.
 
     Example:
         >>> ds = CaptionedImageFolder("forget_set/", image_size=64)  # doctest: +SKIP
@@ -117,23 +144,26 @@ class CaptionedImageFolder(Dataset):
         )
         self.channels = channels
         if image_size is None:
-            with Image.open(files[0]) as first:
+            with _open_image(files[0]) as first:
                 image_size = min(first.size)
         self.image_size = check_image_size(image_size)
 
     def __len__(self) -> int:
         return len(self.files)
 
+    def check_images(self) -> None:
+        """Open every image's header (not its pixels): a file Pillow cannot open, or refuses
+        as a decompression bomb, is named now rather than when training reaches it."""
+        for path in self.files:
+            with _open_image(path):
+                pass
+
     def load_image(self, index: int) -> Tensor:
         """The ``index``-th image as ``[C, S, S]`` float32 in [-1, 1]."""
-        path = self.files[index]
-        try:
-            with Image.open(path) as opened:
-                image = opened.convert("RGB" if self.channels == 3 else "L")
-        except (UnidentifiedImageError, OSError) as err:
-            raise ValueError(
-                f"{path} is not a readable image (corrupt or truncated): {err}"
-            ) from err
+        with _open_image(self.files[index]) as opened:
+            # 16-bit grey is read as floats, at its depth.
+            deep = opened.mode in _GREY_16_BIT_MODES
+            image = opened.convert("F" if deep else "RGB" if self.channels == 3 else "L")
         side = self.image_size
         scale = side / min(image.size)
         width = max(side, round(image.width * scale))
@@ -141,9 +171,11 @@ class CaptionedImageFolder(Dataset):
         image = image.resize((width, height), Image.Resampling.BICUBIC)
         left, top = (width - side) // 2, (height - side) // 2
         image = image.crop((left, top, left + side, top + side))
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32 if deep else np.uint8).copy())
         pixels = pixels.permute(2, 0, 1) if pixels.dim() == 3 else pixels.unsqueeze(0)
-        return resize_and_scale(pixels.unsqueeze(0), side, 255.0)[0]
+        # Grey as RGB is the grey value in every channel (what convert("RGB") does for "L").
+        pixels = pixels.expand(self.channels, -1, -1)
+        return resize_and_scale(pixels.unsqueeze(0), side, 65535.0 if deep else 255.0)[0]
 
     def __getitem__(self, index: int) -> dict[str, Tensor | int | str]:
         return {

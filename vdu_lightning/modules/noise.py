@@ -40,7 +40,9 @@ class NoiseStreams:
         try:
             if len(states) != module.trainer.world_size:
                 raise ValueError(f"saved by {len(states)} processes")
-            self.generator.set_state(states[module.global_rank])
+            # A row of the stacked states is a view into the others' storage, which
+            # set_state reads out of bounds (a segfault): it needs a tensor of its own.
+            self.generator.set_state(states[module.global_rank].clone())
         except (ValueError, RuntimeError) as err:
             # Another world size or device type: a fresh stream per rank, still distinct
             # from the one before the checkpoint because the step enters the seed.

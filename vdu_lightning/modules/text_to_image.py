@@ -90,7 +90,7 @@ class TextToImageModel:
 
     # ---- the model ------------------------------------------------------------------------
     def load_model(self) -> tuple[nn.Module, DDPMScheduler, None]:
-        pipeline = load_pipeline(self.hparams.pretrained)
+        pipeline = load_pipeline(self.pretrained)
         # Frozen parts live outside the module's children: not trained, not checkpointed,
         # not synchronised by DDP (as ``original_unet``).
         self.__dict__["_frozen"] = {
@@ -101,8 +101,8 @@ class TextToImageModel:
         # Training noises with DDPM's forward process whatever sampler the pipeline ships.
         scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
         if (scheduler.config.prediction_type != "epsilon"
-                and self.hparams.timestep_weighting != "simple"):
-            raise ValueError(f"timestep_weighting={self.hparams.timestep_weighting!r} weighs "
+                and self.timestep_weighting != "simple"):
+            raise ValueError(f"timestep_weighting={self.timestep_weighting!r} weighs "
                              "errors of ε; this pipeline predicts "
                              f"{scheduler.config.prediction_type!r}: use 'simple'")
         return pipeline.unet, scheduler, None
@@ -201,7 +201,7 @@ class TextToImageModel:
     def pipeline(self, original: bool = False) -> StableDiffusionPipeline:
         """A pipeline around the unlearned UNet (sharing its weights), or the original one."""
         parts = {} if original else {"unet": self.unet}
-        return load_pipeline(self.hparams.pretrained, **parts).to(self.device)
+        return load_pipeline(self.pretrained, **parts).to(self.device)
 
     def sample_from(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         raise NotImplementedError("a text-to-image model samples from prompts: use "

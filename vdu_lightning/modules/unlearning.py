@@ -10,6 +10,7 @@ on the same data, budget and metrics.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -58,6 +59,11 @@ class UnlearningModule(pl.LightningModule):
         reduction: ``mean`` (per-entry averages) or ``sum`` (as written in method.md).
         target_forget_loss: stop once the validation forget-set error reaches this.
         sample_steps: DDIM steps of ``sample``.
+
+    Each argument is kept as an attribute of the same name (``self.lr``, ``self.reduction``,
+    ...), and that is what the module reads, not ``hparams``: under LightningCLI ``hparams``
+    holds only the arguments of the class the config names, so a subclass with its own
+    ``__init__`` need not forward every argument of this one.
     """
 
     #: Whether the method needs nothing but the forget set (tables mark the ones that
@@ -85,8 +91,14 @@ class UnlearningModule(pl.LightningModule):
         check_choice("optimizer", optimizer, list(OPTIMIZERS))
         check_choice("timestep_weighting", timestep_weighting, TIMESTEP_WEIGHTINGS)
         check_choice("reduction", reduction, REDUCTIONS)
+        if not 0.0 < lr < math.inf:
+            raise ValueError(f"lr must be a positive, finite learning rate, got {lr!r}")
         # Collects the arguments of every subclass's __init__ too.
         self.save_hyperparameters(ignore=list(self.fixed_parent_arguments))
+        self.pretrained, self.weights, self.optimizer = pretrained, weights, optimizer
+        self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
+        self.timestep_weighting, self.reduction = timestep_weighting, reduction
+        self.target_forget_loss, self.sample_steps = target_forget_loss, sample_steps
         self.unet, self.scheduler, self.num_classes = self.load_model()
         # diffusers loads models in eval mode, and Lightning keeps the mode it finds.
         self.unet.train()
@@ -98,11 +110,11 @@ class UnlearningModule(pl.LightningModule):
     # ---- hooks a subclass may override ------------------------------------------------------
     def load_model(self) -> tuple[nn.Module, DDPMScheduler, int | None]:
         """The network to unlearn, its noise scheduler and its number of labels (None:
-        unconditional), from ``hparams.pretrained``."""
-        return load_diffusion_model(self.hparams.pretrained, self.hparams.weights)
+        unconditional), from ``pretrained``."""
+        return load_diffusion_model(self.pretrained, self.weights)
 
     def unlearning_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        """What moves (default: every parameter of the network)."""
+        """What moves (default: every parameter of the network); the rest is frozen."""
         yield from self.unet.named_parameters()
 
     def objective(self, batch: Any) -> dict[str, torch.Tensor]:
@@ -114,7 +126,7 @@ class UnlearningModule(pl.LightningModule):
         """The C_t-weighted error Σ_t C_t ‖ε − ε_θ(x_t, t[, c])‖² on a batch (t ~ U, ε ~ N)."""
         predicted, noise, t = self._predict_noise_of(batch, self.noise.generator)
         weights = self.weight_per_timestep.to(noise.device)[t]
-        return denoising_error(predicted, noise, weights, self.hparams.reduction)
+        return denoising_error(predicted, noise, weights, self.reduction)
 
     def plasticity_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """P(θ): minus the denoising error on a forget batch (gradient ascent on it)."""
@@ -166,6 +178,15 @@ class UnlearningModule(pl.LightningModule):
         check_precision(self.trainer, type(self).__name__)
         if self.trainer.datamodule is not None:
             check_data_fits_model(self.trainer.datamodule, self.sample_shape, "the UNet")
+        # Here, before DDP wraps the module: it all-reduces what requires a gradient then.
+        self.freeze_fixed_parameters()
+
+    def freeze_fixed_parameters(self) -> None:
+        """Only what ``unlearning_parameters()`` yields requires a gradient: backward (the
+        stability term's too) computes none for the rest, and DDP all-reduces none."""
+        moving = {id(parameter) for _, parameter in self.unlearning_parameters()}
+        for parameter in self.parameters():
+            parameter.requires_grad_(id(parameter) in moving)
 
     def on_train_start(self) -> None:
         self.noise.start(self)
@@ -195,7 +216,7 @@ class UnlearningModule(pl.LightningModule):
         self._evaluation_step("test", batch, batch_idx, dataloader_idx)
 
     def on_validation_epoch_end(self) -> None:
-        target = self.hparams.target_forget_loss
+        target = self.target_forget_loss
         if target is None or self.trainer.sanity_checking or self.trainer.state.fn != "fit":
             return
         error = self.trainer.callback_metrics.get("val/forget_loss")
@@ -209,11 +230,10 @@ class UnlearningModule(pl.LightningModule):
         parameters = [p for _, p in self.unlearning_parameters()]
         if not parameters:
             raise ValueError("no parameter to unlearn: unlearning_parameters() is empty")
-        hp = self.hparams
-        kwargs: dict[str, Any] = {"lr": hp.lr, "weight_decay": hp.weight_decay}
-        if hp.optimizer != "sgd":
-            kwargs["betas"] = tuple(hp.betas)
-        return OPTIMIZERS[hp.optimizer](parameters, **kwargs)
+        kwargs: dict[str, Any] = {"lr": self.lr, "weight_decay": self.weight_decay}
+        if self.optimizer != "sgd":
+            kwargs["betas"] = self.betas
+        return OPTIMIZERS[self.optimizer](parameters, **kwargs)
 
     # ---- checkpoints ----------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -244,7 +264,7 @@ class UnlearningModule(pl.LightningModule):
             labels = torch.arange(noise.shape[0]) % self.num_classes
         unet = self.original_unet if original else self.unet
         return sample_in_batches(unet, self.scheduler.config, noise.to(self.device),
-                                 num_steps or self.hparams.sample_steps, labels=labels,
+                                 num_steps or self.sample_steps, labels=labels,
                                  batch_size=batch_size)
 
     def sample(self, num_images: int, seed: int = 0, **kwargs: Any) -> torch.Tensor:

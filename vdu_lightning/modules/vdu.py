@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -14,11 +14,23 @@ from vdu_lightning.losses import stability_penalty
 from vdu_lightning.modules.unlearning import OPTIMIZERS, UnlearningModule
 from vdu_lightning.prior import ParameterPrior
 
-__all__ = ["OPTIMIZERS", "PRIOR_KEY", "VDUModule"]
+__all__ = ["OPTIMIZERS", "PRIOR_KEY", "VDUModule", "prior_in_checkpoint"]
 
 #: The checkpoint key holding the prior: it travels with the run, outside the module's
 #: buffers (DDP would re-send buffers before every forward pass).
 PRIOR_KEY = "vdu_prior"
+
+
+def prior_in_checkpoint(checkpoint: Mapping[str, Any], path: Any) -> ParameterPrior | None:
+    """The prior a VDU checkpoint holds (None if it holds none); a damaged one is refused
+    naming the checkpoint ``path``, where the user can find it."""
+    if PRIOR_KEY not in checkpoint:
+        return None
+    try:
+        return ParameterPrior.from_state_dict(checkpoint[PRIOR_KEY])
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"the checkpoint {path} holds a prior (key '{PRIOR_KEY}') that cannot "
+                         f"be used: {err}") from err
 
 
 class VDUModule(UnlearningModule):
@@ -62,6 +74,7 @@ class VDUModule(UnlearningModule):
             raise ValueError(f"gamma must be in (0, 1), got {gamma!r}: 0 is plain gradient "
                              "ascent (GradientAscentModule), 1 never forgets")
         super().__init__(pretrained, **kwargs)
+        self.gamma = gamma  # read from here, not hparams (see UnlearningModule)
         self.prior: ParameterPrior | None = None
         self._prior_cache: tuple[Any, ...] | None = None
         self._parameter_cache: tuple[Any, ...] | None = None
@@ -80,26 +93,26 @@ class VDUModule(UnlearningModule):
         adds the ranks' parts."""
         params, means, inv_stds = self._prior_tensors()
         total = self.sum_over_shards(stability_penalty(params, means, inv_stds, "sum"))
-        return total / self.prior.numel if self.hparams.reduction == "mean" else total
+        return total / self.prior.numel if self.reduction == "mean" else total
 
     def objective(self, batch: Any) -> dict[str, torch.Tensor]:
         """γ·S + (1 − γ)·P; only the forget part of a batch is used (VDU needs no D_r)."""
         forget = self.split_batch(batch)[0]
         stability = self.stability_loss()
         plasticity = self.plasticity_loss(forget)
-        gamma = self.hparams.gamma
+        gamma = self.gamma
         loss = gamma * stability + (1.0 - gamma) * plasticity
         return {"stability": stability, "plasticity": plasticity, "loss": loss}
 
     # ---- the prior ------------------------------------------------------------------------
     def set_prior(self, prior: ParameterPrior) -> None:
-        """Use ``prior`` (refused if it does not match the network); parameters it does not
-        cover are frozen."""
+        """Use ``prior`` (refused if it does not match the network); what
+        ``unlearning_parameters()`` then leaves out (by default, what the prior does not
+        cover) is frozen."""
         prior.check_matches(self.unet.named_parameters(), "the model being unlearned")
         self.prior = prior
         self._prior_cache = self._parameter_cache = None
-        for name, parameter in self.unet.named_parameters():
-            parameter.requires_grad_(name in prior.mean)
+        self.freeze_fixed_parameters()
 
     def _prior_tensors(self) -> tuple[list[torch.Tensor], ...]:
         """Parameters, μ* and 1/σ* aligned, on the parameters' device (cached).
@@ -211,5 +224,7 @@ class VDUModule(UnlearningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
-        if PRIOR_KEY in checkpoint:
-            self.set_prior(ParameterPrior.from_state_dict(checkpoint[PRIOR_KEY]))
+        path = self._trainer.ckpt_path if self._trainer is not None else "being loaded"
+        prior = prior_in_checkpoint(checkpoint, path)
+        if prior is not None:
+            self.set_prior(prior)

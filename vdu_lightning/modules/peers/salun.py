@@ -116,7 +116,7 @@ class SalUnModule(UnlearningModule):
             target = predict_noise(self.unet, x_t, t, (labels + shift) % self.num_classes)
         weights = self.weight_per_timestep.to(x_t.device)[t]
         predicted = predict_noise(self.unet, x_t, t, labels)
-        return denoising_error(predicted, target, weights, self.hparams.reduction)
+        return denoising_error(predicted, target, weights, self.reduction)
 
     def objective(self, batch: Any) -> dict[str, torch.Tensor]:
         forget, _ = self.split_batch(batch)
