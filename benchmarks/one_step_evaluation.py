@@ -3,13 +3,14 @@
 The same seeded noises and labels go through the one-step generator and through the
 label-conditional teacher's DDIM-50, the teacher's multi-step numbers being the reference:
 
-* UA, unlearning accuracy: 1 − the classifier's accuracy on the forgotten labels' samples;
-* class consistency: the classifier's accuracy on the retained labels' samples;
+* UA, unlearning accuracy: 1 − an evaluator's accuracy on the forgotten labels' samples;
+* class consistency: its accuracy on the retained labels' samples;
 * u-FID of the retained labels' samples against the real retained-class training images, on
-  the classifier's features (as paired_evaluation.py);
+  its features (as paired_evaluation.py);
 * images per second of each sampler, at one batch size, after a warm-up.
 
-The teacher's samples are cached beside it (they never change).
+each by both evaluators (the second's keys start with ``second_``). The teacher's samples
+are cached beside it (they never change).
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ from typing import Any, Callable
 import torch
 from torchvision.utils import save_image
 
-from paired_evaluation import retained_training_images
+from paired_evaluation import evaluators, retained_training_images
 
-from vdu_lightning import ClassifierModule, ImageDataModule
+from vdu_lightning import ImageDataModule
 from vdu_lightning.checkpoints import load_diffusion_model
 from vdu_lightning.diffusion import sample_in_batches, sample_shape, seeded_noise
 from vdu_lightning.files import atomic_file
@@ -100,7 +101,8 @@ def save_grid(generator_dir: str, path: Path, per_label: int = 8) -> None:
         save_image((images + 1) / 2, tmp, nrow=per_label, format="png")
 
 
-def evaluate_one_step(generator_dir: str, teacher: str, classifier_dir: str, forget: list[int],
+def evaluate_one_step(generator_dir: str, teacher: str, classifier_dirs: list[str],
+                      forget: list[int],
                       num_per_label: int, steps: int = 50, speed_batch: int = 100
                       ) -> dict[str, Any]:
     """The generator's and the teacher's UA, class consistency and u-FID, and their speeds."""
@@ -115,18 +117,22 @@ def evaluate_one_step(generator_dir: str, teacher: str, classifier_dir: str, for
                             generator.config.t_init, z, c).clamp(-1, 1)
             for z, c in zip(noise.split(256), labels.split(256))])
     reference = teacher_samples(teacher, labels, noise, steps)
-    classifier = ClassifierModule.from_pretrained(classifier_dir)
+    nets = evaluators(classifier_dirs)
     real = retained_training_images(ImageDataModule(dataset="mnist5k", image_size=shape[-1]),
                                     forget)
     retained = ~torch.isin(labels, torch.tensor(forget))
-    results: dict[str, Any] = {"samples_per_label": num_per_label, "real_images": len(real)}
+    results: dict[str, Any] = {"samples_per_label": num_per_label, "real_images": len(real),
+                               "evaluators": list(nets)}
     for name, images, sampler, num_steps in (("one_step", one_step, "one_step", 1),
                                              ("teacher", reference, "ddim", steps)):
-        fid = UnlearnedFID(classifier=classifier, sampler=sampler, num_steps=num_steps)
-        fid.update(real, real=True)
-        fid.update(images[retained], real=False)
-        results[name] = {**scores(classifier.predict_labels(images), labels, forget,
-                                  num_classes),
-                         "u_fid": float(fid.compute()), "u_fid_name": fid.name}
+        results[name] = {}
+        for index, net in enumerate(nets.values()):
+            prefix = "second_" if index else ""
+            fid = UnlearnedFID(classifier=net, sampler=sampler, num_steps=num_steps)
+            fid.update(real, real=True)
+            fid.update(images[retained], real=False)
+            measured = {**scores(net.predict(images)[0], labels, forget, num_classes),
+                        "u_fid": float(fid.compute()), "u_fid_name": fid.name}
+            results[name].update({prefix + key: value for key, value in measured.items()})
     results["speed"] = speeds(generator, teacher, steps, speed_batch)
     return results

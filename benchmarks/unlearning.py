@@ -10,7 +10,9 @@ budget and the seed. Every (method, seed) runs in a fresh process (``--run``), s
 memory is its own; ``--workers`` runs that many at once with one torch thread each. Measured:
 the time before the first step (what a method computes first: SalUn's mask, EWC's Fisher and
 replay set), the training time, the peak memory, and the paired evaluation of
-paired_evaluation.py (PUL, u-FID and its ratio to the original's, retained-class drift).
+paired_evaluation.py (by two evaluators: PUL, u-FID and its ratio to the original's,
+retained-class drift; with none: the bound of held-out real forget and retain images, the
+same-seed sample change, the background shift).
 VDU's prior comes from ``PriorSnapshot`` during pre-training: its cost is the overhead.py
 build time, not counted here. ``--model-overrides`` / ``--data-overrides`` (JSON) change
 every method's arguments, e.g. for the test that runs it on a tiny model.
@@ -88,7 +90,7 @@ def run_distillation(args: argparse.Namespace) -> dict[str, Any]:
     module.save_pretrained(exported)
     save_grid(str(exported), exported.with_suffix(".png"))
     # SiD forgets nothing: its UA on the same labels is what distillation alone gives.
-    scores = evaluate_one_step(str(exported), args.teacher, args.classifier,
+    scores = evaluate_one_step(str(exported), args.teacher, args.classifiers,
                                args.forget_classes, args.num_per_label)
     return {"method": args.run, "seed": args.seed, "iterations": module.iteration,
             "train_seconds": round(clock.end - clock.first_step, 1), "generator": str(exported),
@@ -116,7 +118,7 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
                          enable_progress_bar=False, enable_model_summary=False,
                          callbacks=[clock, UnlearningGuard()])
     trainer.fit(module, datamodule=data)
-    scores = evaluate(module, data, args.pretrained, args.classifier, args.num_samples,
+    scores = evaluate(module, data, args.pretrained, args.classifiers, args.num_samples,
                       args.sample_steps)
     peak = (torch.cuda.max_memory_allocated() if torch.cuda.is_available() else
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
@@ -134,25 +136,35 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
 
 def launch(args: argparse.Namespace, method: str, seed: int) -> dict[str, Any]:
     command = [sys.executable, __file__, "--run", method, "--seed", str(seed)]
-    for key in ("pretrained", "classifier", "prior", "configs", "max_steps", "num_samples",
+    for key in ("pretrained", "prior", "configs", "max_steps", "num_samples",
                 "sample_steps", "threads", "accelerator", "teacher", "distill_steps",
                 "num_per_label", "out", "model_overrides", "data_overrides",
                 "distill_overrides"):
         command += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     command += ["--forget-classes", *map(str, args.forget_classes)]
+    command += ["--classifiers", *args.classifiers]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{method} seed {seed} failed:\n{done.stderr[-3000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
     if method in DISTILLATIONS:
-        print(f"{method:16s} seed {seed}: UA {result['one_step']['ua']:5.1f}%  consistency "
+        print(f"{method:16s} seed {seed}: UA {result['one_step']['ua']:5.1f}% (second "
+              f"{result['one_step'].get('second_ua', float('nan')):5.1f}%)  consistency "
               f"{result['one_step']['class_consistency']:5.1f}%  u-FID "
               f"{result['one_step']['u_fid']:7.2f}  x{result['speed']['speedup']:.0f} faster  "
               f"{result['train_seconds']:.0f} s", flush=True)
         return result
-    print(f"{method:16s} seed {seed}: PUL {result['pul']:6.1f}%  u-FID {result['u_fid']:7.2f} "
-          f"(x{result['u_fid_ratio']:.2f})  {result['train_seconds']:.0f} s", flush=True)
+    print(f"{method:16s} seed {seed}: PUL {result['pul']:6.1f}% (second "
+          f"{result.get('second_pul', float('nan')):6.1f}%)  u-FID {result['u_fid']:7.2f} "
+          f"(x{result['u_fid_ratio']:.2f})  bpd +{result['bpd_forget_increase']:.3f} / "
+          f"+{result['bpd_retain_increase']:.3f}  {result['train_seconds']:.0f} s", flush=True)
     return result
+
+
+STATISTICS = ("pul", "second_pul", "u_fid", "u_fid_ratio", "second_u_fid_ratio",
+              "retained_drift", "bpd_forget_increase", "bpd_retain_increase",
+              "change_forgotten", "change_retained", "change_ratio", "background_shift",
+              "train_seconds", "prepare_seconds", "peak_memory_mb")
 
 
 def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -162,29 +174,44 @@ def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
         def stat(key: str) -> tuple[float, float]:
             # Not statistics.stdev: it fails on NaN (PUL when the original drew no forget class).
-            values = torch.tensor([float(r[key]) for r in mine], dtype=torch.float64)
+            values = torch.tensor([float("nan") if r.get(key) is None else float(r[key])
+                                   for r in mine], dtype=torch.float64)
             spread = float(values.std()) if len(values) > 1 else 0.0
             return float(values.mean()), spread
         rows.append({"method": method, "class": mine[0]["class"], "seeds": len(mine),
                      "data_constrained": mine[0]["data_constrained"],
-                     **{key: stat(key) for key in ("pul", "u_fid", "u_fid_ratio",
-                                                   "retained_drift", "train_seconds",
-                                                   "prepare_seconds", "peak_memory_mb")}})
+                     **{key: stat(key) for key in STATISTICS}})
     return rows
 
 
+def _cell(row: dict[str, Any], key: str, spec: str) -> str:
+    mean, spread = row[key]
+    return f"{mean:{spec}} ± {spread:{spec}}"
+
+
 def markdown(rows: list[dict[str, Any]], original_fid: float) -> str:
-    lines = ["| method | data | PUL % | u-FID | u-FID / original | retained drift | train s | "
-             "before the first step s | peak MB |", "|---" * 9 + "|"]
+    """Two tables: what the evaluators read, and what needs no classifier (with the costs)."""
+    lines = ["| method | data | PUL % | PUL % (second evaluator) | u-FID | u-FID / original | "
+             "u-FID / original (second) | retained drift |", "|---" * 8 + "|"]
     for r in rows:
         data = "D_f only" if r["data_constrained"] else "**needs D_r**"
-        cells = [f"{m:.1f} ± {s:.1f}" if k not in ("u_fid_ratio", "retained_drift") else
-                 f"{m:.2f} ± {s:.2f}" for k, (m, s) in
-                 ((k, r[k]) for k in ("pul", "u_fid", "u_fid_ratio", "retained_drift",
-                                      "train_seconds", "prepare_seconds"))]
-        lines.append(f"| {r['method']} | {data} | " + " | ".join(cells) +
-                     f" | {r['peak_memory_mb'][0]:.0f} |")
-    lines.append(f"\nOriginal model's u-FID: {original_fid:.2f}.")
+        lines.append(f"| {r['method']} | {data} | " + " | ".join(
+            _cell(r, key, spec) for key, spec in (
+                ("pul", ".1f"), ("second_pul", ".1f"), ("u_fid", ".1f"), ("u_fid_ratio", ".2f"),
+                ("second_u_fid_ratio", ".2f"), ("retained_drift", ".2f"))) + " |")
+    lines.append(f"\nOriginal model's u-FID: {original_fid:.2f}.\n")
+    lines += ["| method | bits/dim increase, held-out forget | bits/dim increase, held-out "
+              "retain | sample change, forgotten seeds | sample change, other seeds | "
+              "change ratio | background shift | train s | before the first step s | "
+              "peak MB |", "|---" * 10 + "|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | " + " | ".join(
+            _cell(r, key, spec) for key, spec in (
+                ("bpd_forget_increase", ".3f"), ("bpd_retain_increase", ".3f"),
+                ("change_forgotten", ".3f"), ("change_retained", ".3f"),
+                ("change_ratio", ".2f"), ("background_shift", "+.3f"),
+                ("train_seconds", ".1f"), ("prepare_seconds", ".1f"))) +
+            f" | {r['peak_memory_mb'][0]:.0f} |")
     return "\n".join(lines)
 
 
@@ -192,18 +219,21 @@ def distillation_markdown(results: list[dict[str, Any]]) -> str:
     """One row per (SFD or SiD, seed) and the teacher's DDIM-50 as the reference."""
     speed = results[0]["speed"]
     multi = next(k for k in speed if k.startswith("ddim"))
-    lines = ["| sampler | seed | UA % | class consistency % | u-FID (retained) | images/s | "
-             "train s |", "|---" * 7 + "|"]
+    lines = ["| sampler | seed | UA % (first / second evaluator) | class consistency % | "
+             "u-FID (retained) | images/s | train s |", "|---" * 7 + "|"]
+
+    def both(scores: dict[str, Any], key: str, spec: str) -> str:
+        return f"{scores[key]:{spec}} / {scores.get('second_' + key, float('nan')):{spec}}"
     for r in results:
         one = r["one_step"]
-        lines.append(f"| {r['method']}, one step | {r['seed']} | {one['ua']:.1f} | "
-                     f"{one['class_consistency']:.1f} | {one['u_fid']:.2f} | "
+        lines.append(f"| {r['method']}, one step | {r['seed']} | {both(one, 'ua', '.1f')} | "
+                     f"{both(one, 'class_consistency', '.1f')} | {both(one, 'u_fid', '.2f')} | "
                      f"{r['speed']['one_step_images_per_second']:.0f} | "
                      f"{r['train_seconds']:.0f} |")
     teacher = results[0]["teacher"]
-    lines.append(f"| teacher, DDIM-{multi[4:].split('_')[0]} | — | {teacher['ua']:.1f} | "
-                 f"{teacher['class_consistency']:.1f} | {teacher['u_fid']:.2f} | "
-                 f"{speed[multi]:.1f} | — |")
+    lines.append(f"| teacher, DDIM-{multi[4:].split('_')[0]} | — | {both(teacher, 'ua', '.1f')} | "
+                 f"{both(teacher, 'class_consistency', '.1f')} | "
+                 f"{both(teacher, 'u_fid', '.2f')} | {speed[multi]:.1f} | — |")
     return "\n".join(lines)
 
 
@@ -234,7 +264,9 @@ def main() -> None:
                         help=f"default: the peers; {', '.join(DISTILLATIONS)} on request")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--pretrained", default="runs/mnist5k/ddpm")
-    parser.add_argument("--classifier", default="runs/mnist5k/classifier")
+    parser.add_argument("--classifiers", nargs="+",
+                        default=["runs/mnist5k/classifier", "runs/mnist5k/classifier_lenet"],
+                        help="the evaluators; the first is the primary one")
     parser.add_argument("--prior", default="runs/mnist5k/prior_trajectory.safetensors")
     parser.add_argument("--configs", default=str(REPO / "configs" / "mnist5k"))
     parser.add_argument("--max-steps", type=int, default=120, help="as configs/mnist5k")

@@ -4,11 +4,12 @@
         --gamma 0.9 --max-steps 400 --out runs/bench/trajectory.json
 
 Needs runs/mnist5k/ddpm (+ the trajectory prior) from configs/mnist5k/pretrain.yaml, the
-classifier from configs/mnist5k/classifier.yaml and, for a finetune prior,
-configs/mnist5k/prior_finetune.yaml. Protocol (method.md §4): N samples with the same seeds
-from the original and the unlearned model (DDIM-50); the classifier counts the forgotten
-digit (PUL); u-FID on the classifier's features against the real retained-class training
-images; the original's samples and statistics are cached per model directory.
+two evaluators from configs/mnist5k/classifier.yaml and classifier_lenet.yaml and, for a
+finetune prior, configs/mnist5k/prior_finetune.yaml. Protocol (method.md §4, as
+paired_evaluation.py): N samples with the same seeds from the original and the unlearned
+model; each evaluator counts the forgotten digit (PUL) and gives u-FID's features against the
+real retained-class training images; the classifier-free measures beside them; the
+original's samples and bound are cached per model directory.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from vdu_lightning.files import atomic_write_text
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pretrained", default="runs/mnist5k/ddpm")
-    parser.add_argument("--classifier", default="runs/mnist5k/classifier")
+    parser.add_argument("--classifiers", nargs="+",
+                        default=["runs/mnist5k/classifier", "runs/mnist5k/classifier_lenet"])
     parser.add_argument("--prior", required=True)
     parser.add_argument("--forget-class", type=int, default=1)
     parser.add_argument("--gamma", type=float, default=0.9)
@@ -62,7 +64,7 @@ def main() -> None:
     fit_seconds = time.perf_counter() - start
 
     start = time.perf_counter()
-    scores = evaluate(module, data, args.pretrained, args.classifier, args.num_samples,
+    scores = evaluate(module, data, args.pretrained, args.classifiers, args.num_samples,
                       args.sample_steps)
     evaluation_seconds = time.perf_counter() - start
     result = {
@@ -72,7 +74,8 @@ def main() -> None:
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out, json.dumps(result, indent=2))
-    print(json.dumps({k: v for k, v in result.items() if k != "args"}))
+    print(json.dumps({k: v for k, v in result.items()
+                      if k not in ("args", "paired", "likelihood")}))
 
 
 if __name__ == "__main__":

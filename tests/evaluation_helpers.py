@@ -25,7 +25,8 @@ def perturb(module: torch.nn.Module, seed: int, scale: float = 0.05) -> None:
 
 
 class TinyUnlearner(pl.LightningModule):
-    """Two real tiny DiffusionModules behind ``sample_shape`` and ``sample_from``, as VDUModule.
+    """Two real tiny DiffusionModules behind ``sample_shape``, ``sample_from``, ``unet``,
+    ``original_unet`` and ``scheduler``, as VDUModule.
 
     ``same=True`` makes the unlearned model a copy of the original.
     """
@@ -44,6 +45,18 @@ class TinyUnlearner(pl.LightningModule):
     @property
     def sample_shape(self) -> tuple[int, int, int]:
         return self.original.sample_shape
+
+    @property
+    def unet(self) -> torch.nn.Module:
+        return self.unlearned.ema_unet
+
+    @property
+    def original_unet(self) -> torch.nn.Module:
+        return self.original.ema_unet
+
+    @property
+    def scheduler(self) -> object:
+        return self.original.scheduler
 
     @torch.no_grad()
     def sample_from(self, noise: torch.Tensor, original: bool = False,
@@ -67,11 +80,12 @@ class TinyUnlearner(pl.LightningModule):
 
 
 def tiny_classifier(path: Path, seed: int = 0, in_channels: int = 1, num_classes: int = 10,
-                    width: int = 8) -> ClassifierModule:
+                    width: int = 8, architecture: str = "vgg") -> ClassifierModule:
     """A random classifier (10 classes of grey images, 32-d features by default) whose
     features spread, saved to ``path``."""
     torch.manual_seed(seed)
-    classifier = ClassifierModule(in_channels=in_channels, num_classes=num_classes, width=width)
+    classifier = ClassifierModule(in_channels=in_channels, num_classes=num_classes, width=width,
+                                  architecture=architecture)
     with torch.no_grad():
         for module in classifier.modules():
             if isinstance(module, torch.nn.BatchNorm2d):

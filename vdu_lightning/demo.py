@@ -5,11 +5,13 @@
     vdu demo --quick               # tiny budgets: a minute, for CI and a first look
 
 Stages, each with a progress bar and a one-line summary: (1) pre-train a DDPM on mnist5k
-while ``PriorSnapshot`` collects VDU's trajectory prior, (2) train the evaluation classifier,
-(3) unlearn the digit with ``VDUModule``, (4) evaluate (PUL, u-FID, class histograms) and
-write the report. Stages 1 and 2 are cached under ``--cache-dir`` by their settings, so a
-second run starts at stage 3. The full budgets are those of configs/mnist5k/{pretrain,
-classifier,vdu}.yaml (a test keeps them in step).
+while ``PriorSnapshot`` collects VDU's trajectory prior, (2) train the two evaluation
+classifiers, (3) unlearn the digit with ``VDUModule``, (4) evaluate (PUL and u-FID by both
+evaluators, the measures that need no classifier, class histograms, a captioned grid) and
+write the report. Stages 1 and 2 are cached under ``--cache-dir`` by their settings, and so
+are the original model's samples, so a second run starts at stage 3. The full budgets are
+those of configs/mnist5k/{pretrain,classifier,classifier_lenet,vdu}.yaml (a test keeps them
+in step).
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ class Budget:
     snapshot_every: int
     snapshot_start: int
     classifier_epochs: int
+    second_classifier_epochs: int
     unlearn_steps: int
     unlearn_batch_size: int
     gamma: float
@@ -84,7 +87,8 @@ class Budget:
         names = {"pretrain": ["unet", "image_size", "pretrain_steps", "pretrain_batch_size",
                               "pretrain_lr", "warmup_steps", "ema_decay", "snapshot_every",
                               "snapshot_start"],
-                 "classifier": ["image_size", "classifier_epochs"]}[stage]
+                 "classifier": ["image_size", "classifier_epochs",
+                                "second_classifier_epochs"]}[stage]
         text = json.dumps({n: fields[n] for n in names} | {"seed": seed}, sort_keys=True)
         return f"{stage}-{self.name}-{hashlib.sha256(text.encode()).hexdigest()[:10]}"
 
@@ -92,16 +96,19 @@ class Budget:
 FULL = Budget(
     name="full", unet=MNIST5K_UNET, image_size=16, pretrain_steps=2600, pretrain_batch_size=32,
     pretrain_lr=1e-3, warmup_steps=100, ema_decay=0.995, snapshot_every=100,
-    snapshot_start=1300, classifier_epochs=10, unlearn_steps=120, unlearn_batch_size=32,
+    snapshot_start=1300, classifier_epochs=10, second_classifier_epochs=25,
+    unlearn_steps=120, unlearn_batch_size=32,
     gamma=0.97, lr=1e-5, forget_size=500, num_samples=500, sample_steps=25,
 )
 QUICK = Budget(
     name="quick", unet=TINY_UNET, image_size=8, pretrain_steps=40, pretrain_batch_size=32,
     pretrain_lr=1e-3, warmup_steps=5, ema_decay=0.9, snapshot_every=10, snapshot_start=10,
-    classifier_epochs=1, unlearn_steps=10, unlearn_batch_size=16, gamma=0.5, lr=1e-3,
-    forget_size=64, num_samples=64, sample_steps=4,
+    classifier_epochs=1, second_classifier_epochs=1, unlearn_steps=10, unlearn_batch_size=16,
+    gamma=0.5, lr=1e-3, forget_size=64, num_samples=64, sample_steps=4,
 )
 _DONE = "done.json"
+#: The evaluators of configs/mnist5k/classifier{,_lenet}.yaml: (architecture, seed, lr).
+EVALUATORS = {"classifier": ("vgg", 0, 2e-3), "second_classifier": ("lenet", 1, 3e-3)}
 
 
 def default_cache_dir() -> Path:
@@ -162,22 +169,33 @@ class Demo:
         atomic_write_text(folder / _DONE, json.dumps({"prior": self.prior_description}))
         return f"{b.pretrain_steps} steps, exported to {self.model_dir}; {self.prior_description}"
 
-    # ---- stage 2: the evaluation classifier ---------------------------------------------------
+    # ---- stage 2: the two evaluation classifiers ----------------------------------------------
     def classifier(self) -> str:
         folder, done = self._cached("classifier")
-        self.classifier_dir = folder / "classifier"
+        self.classifier_dirs = {name: folder / name for name in EVALUATORS}
         if done is not None:
-            return f"cached in {folder} (held-out accuracy {done['accuracy']:.1%})"
+            return f"cached in {folder} (held-out accuracy {self._accuracies(done)})"
         b = self.budget
-        pl.seed_everything(self.seed, verbose=False)
-        module = ClassifierModule(in_channels=1, num_classes=10, width=32, lr=2e-3, max_shift=2)
-        data = ImageDataModule(dataset="mnist5k", image_size=b.image_size, batch_size=128)
-        trainer = self._trainer([ExportPretrained(str(self.classifier_dir))],
-                                max_epochs=b.classifier_epochs)
-        trainer.fit(module, datamodule=data)
-        accuracy = float(trainer.callback_metrics["val/acc"])
-        atomic_write_text(folder / _DONE, json.dumps({"accuracy": accuracy}))
-        return f"held-out accuracy {accuracy:.1%}, exported to {self.classifier_dir}"
+        epochs = {"classifier": b.classifier_epochs,
+                  "second_classifier": b.second_classifier_epochs}
+        accuracies = {}
+        for name, (architecture, seed, lr) in EVALUATORS.items():
+            pl.seed_everything(seed, verbose=False)
+            module = ClassifierModule(in_channels=1, num_classes=10, width=32, lr=lr,
+                                      architecture=architecture)
+            data = ImageDataModule(dataset="mnist5k", image_size=b.image_size, batch_size=128)
+            trainer = self._trainer([ExportPretrained(str(self.classifier_dirs[name]))],
+                                    max_epochs=epochs[name])
+            trainer.fit(module, datamodule=data)
+            accuracies[name] = float(trainer.callback_metrics["val/acc"])
+        atomic_write_text(folder / _DONE, json.dumps({"accuracy": accuracies}))
+        return (f"held-out accuracy {self._accuracies({'accuracy': accuracies})}, exported to "
+                f"{folder}")
+
+    @staticmethod
+    def _accuracies(done: dict[str, Any]) -> str:
+        return ", ".join(f"{value:.1%} ({EVALUATORS[name][0]})"
+                         for name, value in done["accuracy"].items())
 
     # ---- stage 3: VDU -------------------------------------------------------------------------
     def unlearn(self) -> str:
@@ -203,8 +221,11 @@ class Demo:
         self.output.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=self.output, prefix=".evaluation-") as scratch:
             evaluation = UnlearningEvaluation(
-                classifier=str(self.classifier_dir), num_samples=b.num_samples, seed=self.seed,
-                num_steps=b.sample_steps, batch_size=250, grid_images=32, dirpath=scratch)
+                classifier=str(self.classifier_dirs["classifier"]),
+                second_classifier=str(self.classifier_dirs["second_classifier"]),
+                num_samples=b.num_samples, seed=self.seed, num_steps=b.sample_steps,
+                batch_size=250, grid_images=32, cache_dir=str(self.cache_dir / "evaluation"),
+                dirpath=scratch)
             self._trainer([evaluation]).validate(self.module, datamodule=self.data,
                                                  verbose=False)
             self.results = evaluation.results
@@ -213,13 +234,15 @@ class Demo:
                 os.replace(next(Path(scratch).glob(pattern)), self.output / name)
         self.module.save_pretrained(self.output / "model")
         metrics = self.results["metrics"]
-        return (f"PUL {metrics['pul']:.1f}%, u-FID {metrics[self.results['fid_name']]:.2f} "
-                f"(original {metrics['original/' + self.results['fid_name']]:.2f})")
+        second = metrics.get("second_classifier/pul", float("nan"))
+        return (f"PUL {metrics['pul']:.1f}% (second evaluator {second:.1f}%), u-FID "
+                f"{metrics[self.results['fid_name']]:.2f} (original "
+                f"{metrics['original/' + self.results['fid_name']]:.2f})")
 
     def run(self) -> dict[str, Any]:
         start = time.perf_counter()
         self._stage(1, "pre-train the DDPM and collect the prior", self.pretrain)
-        self._stage(2, "train the evaluation classifier", self.classifier)
+        self._stage(2, "train the evaluation classifiers", self.classifier)
         self._stage(3, f"unlearn digit {self.forget_class} with VDU", self.unlearn)
         self._stage(4, "evaluate and write the report", self.evaluate)
         report = {
@@ -234,18 +257,70 @@ class Demo:
         return report
 
 
+def _number(value: float | None, spec: str = ".2f") -> str:
+    return "—" if value is None or value != value else format(value, spec)
+
+
+def _evaluator_rows(evaluation: dict[str, Any]) -> str:
+    rows = []
+    for name, scores in evaluation["paired"]["evaluators"].items():
+        path = evaluation[name]
+        rows.append(f"| `{path}` | {_number(scores['pul'], '.1f')}% | "
+                    f"{scores['forget_fraction_original']:.1%} → "
+                    f"{scores['forget_fraction_unlearned']:.1%} | "
+                    f"{scores['u_fid_original']:.2f} → {scores['u_fid']:.2f} | "
+                    f"{_number(scores['u_fid_ratio'])} | {scores['retained_drift']:.2f} |")
+    return "\n".join(rows)
+
+
+def _classifier_free(evaluation: dict[str, Any], forget: int) -> str:
+    paired, likelihood = evaluation["paired"], evaluation["likelihood"]
+    change, light = paired["sample_change"], paired["intensity"]
+    lines = ["| measure | value |", "|---|---|"]
+    if likelihood is not None:
+        for part, what in (("forget", f"held-out real {forget}s"),
+                           ("retain", "held-out real retained digits")):
+            values = likelihood[part]
+            lines.append(f"| bound of {what} ({values['images']} images), bits/dim, original → "
+                         f"unlearned | {values['bits_per_dim_original']:.3f} → "
+                         f"{values['bits_per_dim_unlearned']:.3f} "
+                         f"(+{values['bits_per_dim_increase']:.3f}) |")
+        lines.append(f"| selectivity: forget increase / retain increase | "
+                     f"{_number(likelihood['selectivity'])} |")
+    lines += [
+        f"| same-seed pixel change, seeds whose original is a {forget} "
+        f"({change['forgotten_seeds']}) | {_number(change['forgotten'], '.3f')} |",
+        f"| same-seed pixel change, the other seeds ({change['retained_seeds']}) | "
+        f"{_number(change['retained'], '.3f')} |",
+        f"| ratio of the two (selective: well above 1) | {_number(change['ratio'])} |",
+        f"| mean intensity of the samples, original → unlearned | "
+        f"{light['mean_original']:.3f} → {light['mean_unlearned']:.3f} |",
+        f"| background ({light['border_pixels']}-pixel border), original → unlearned | "
+        f"{light['background_original']:.3f} → {light['background_unlearned']:.3f} |",
+    ]
+    return "\n".join(lines)
+
+
+_EVALUATOR_HEADER = """| evaluator | PUL | digit {forget} among samples | \
+u-FID original → unlearned | ratio | retained drift |
+|---|---|---|---|---|---|"""
+
+
 def render_report(report: dict[str, Any], summaries: list[str]) -> str:
     """The Markdown report of a demo run."""
     evaluation, budget = report["evaluation"], report["budget"]
-    metrics, fid = evaluation["metrics"], evaluation["fid_name"]
-    forget = report["forget_class"]
+    metrics, forget = evaluation["metrics"], report["forget_class"]
     hist = evaluation["histograms"]
     rows = "\n".join(f"| {c} | {o} | {u} |" for c, (o, u) in
                      enumerate(zip(hist["original"], hist["unlearned"])))
     pul = (f"{metrics['pul']:.1f}%" if metrics["pul"] == metrics["pul"] else
            f"undefined: the original model generated no digit {forget}")
-    fractions = (f"{metrics['forget_fraction_original']:.1%} → "
-                 f"{metrics['forget_fraction_unlearned']:.1%}")
+    gap = evaluation["paired"]["pul_disagreement"]
+    agreement = (f"**The two evaluators disagree by {gap:.1f} points of PUL (more than "
+                 f"{evaluation['paired']['disagreement_threshold']:g}): do not trust "
+                 "either number before looking at the grid.**"
+                 if evaluation["paired"]["evaluators_disagree"] else
+                 f"The two evaluators agree within {_number(gap, '.1f')} points of PUL.")
     return f"""# VDU demo: forgetting digit {forget} of mnist5k
 
 What was done (budget `{budget['name']}`, seed {report['seed']}):
@@ -257,29 +332,41 @@ VDU's {report['prior']}. VDU minimised γ·S + (1−γ)·P with γ = {budget['ga
 lr {budget['lr']}, {budget['unlearn_steps']} steps on at most {budget['forget_size']} images of
 digit {forget}, and nothing else (no retain data).
 
-## Metrics
+## Metrics by two evaluators
 
 {evaluation['num_samples']} samples per model, the same noise for both ({evaluation['sampler']},
-{evaluation['num_steps']} steps); the classifier labels them.
+{evaluation['num_steps']} steps). Two classifiers of different architecture and seed label them;
+both standardise each image first, so a global haze or contrast change does not move them.
+PUL is the share of digit-{forget} samples removed; u-FID compares the samples with the real
+images of the retained digits on each classifier's own features (lower is better; the ratio
+says what unlearning cost); the drift is the total variation between the retained-digit mixes.
 
-| metric | value |
-|---|---|
-| PUL (share of digit-{forget} samples removed) | {pul} |
-| digit {forget} among the samples, original → unlearned | {fractions} |
-| u-FID of the unlearned model (`{fid}`) | {metrics[fid]:.2f} |
-| the same FID for the original model | {metrics['original/' + fid]:.2f} |
-| ratio unlearned / original | {metrics['u_fid_ratio']:.2f} |
+{_EVALUATOR_HEADER.format(forget=forget)}
+{_evaluator_rows(evaluation)}
 
-u-FID compares samples with the real images of the retained digits, on the features of
-`{evaluation['features']}`; lower is better, and the ratio says what unlearning cost.
+PUL by the first evaluator: {pul}. {agreement}
+
+## Measures that need no classifier
+
+What the model says about held-out real images it never saw (the variational bound of the
+DDPM in bits per dimension: lower means the model explains the image better), how much each
+seed's sample changed (mean absolute pixel change on [−1, 1]), and whether the samples as a
+whole got brighter or darker:
+
+{_classifier_free(evaluation, forget)}
+
+A model that forgot digit {forget} and kept the rest raises the bound of the {forget}s much more
+than that of the other digits, changes the samples of the seeds that drew a {forget} much more
+than the others, and does not shift the background.
 
 ## Pictures
 
-The same seeds through the original (left) and the unlearned model (right):
+The same seeds through the original (left) and the unlearned model (right); under each sample
+the first evaluator's label and confidence; seeds whose original is a {forget} are framed in red:
 
 ![before and after](before_after.png)
 
-Class histogram of the samples:
+Class histogram of the samples (first evaluator):
 
 ![class histogram](histogram.png)
 

@@ -170,8 +170,8 @@ def test_every_job_config_instantiates(config: Path, stand_in_models: None) -> N
     if cli.datamodule is None:  # a module with loaders of its own (SFD reads labels only)
         assert next(iter(cli.model.train_dataloader())) is not None
         classifier = cli.model.override_classifier()
-        if classifier is not None:  # its own hyperparameters, not the SFD module's
-            assert "teacher" not in classifier.hparams and classifier.hparams.num_classes == 10
+        if classifier is not None:  # its own configuration, not the SFD module's
+            assert "teacher" not in classifier.config and classifier.num_classes == 10
         return
     # The data fit the model: the shape check fit() would run, done here without training.
     if isinstance(cli.model, (DiffusionModule, UnlearningModule)):

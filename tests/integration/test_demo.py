@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from diffusers import DDIMPipeline
@@ -13,7 +14,7 @@ from PIL import Image
 
 from conftest import CONFIGS
 from vdu_lightning.cli import main
-from vdu_lightning.demo import FULL
+from vdu_lightning.demo import EVALUATORS, FULL
 
 
 def test_the_quick_demo_writes_the_report_and_a_second_run_reuses_the_cache(
@@ -23,12 +24,16 @@ def test_the_quick_demo_writes_the_report_and_a_second_run_reuses_the_cache(
           "--forget-class", "3", "--accelerator", "cpu"])
     first = capsys.readouterr().out
     assert "[1/4] pre-train the DDPM and collect the prior: 40 steps" in first
-    assert "[2/4] train the evaluation classifier: held-out accuracy" in first
+    assert "[2/4] train the evaluation classifiers: held-out accuracy" in first
+    assert "(vgg)" in first and "(lenet)" in first
 
     for name in ("before_after.png", "histogram.png"):
         with Image.open(out / name) as image:
             image.load()
             assert min(image.size) > 16
+    with Image.open(out / "before_after.png") as grid:
+        # 32 samples per side, each enlarged to 64 pixels and captioned: wider than 2 × 6 tiles.
+        assert grid.size[0] > 2 * 6 * 64 and grid.size[1] > 6 * 64
     report = json.loads((out / "metrics.json").read_text())
     evaluation = report["evaluation"]
     assert report["forget_class"] == 3 and evaluation["forget_classes"] == [3]
@@ -43,9 +48,22 @@ def test_the_quick_demo_writes_the_report_and_a_second_run_reuses_the_cache(
     for model in ("original", "unlearned"):
         assert sum(evaluation["histograms"][model]) == evaluation["num_samples"] == 64
     assert 0.0 <= metrics["forget_fraction_unlearned"] <= 1.0
+    # Both evaluators and the measures that need no classifier.
+    assert list(evaluation["paired"]["evaluators"]) == ["classifier", "second_classifier"]
+    puls = [metrics["pul"], metrics["second_classifier/pul"]]
+    # The gap is reported when both PULs are defined (the original drew the digit for both).
+    assert ("pul_disagreement" in metrics) == all(math.isfinite(p) for p in puls)
+    likelihood = evaluation["likelihood"]
+    assert likelihood["forget"]["images"] == 50 and likelihood["retain"]["images"] == 450
+    for key in ("likelihood/forget_bpd_increase", "likelihood/retain_bpd_increase",
+                "sample_change/retained", "intensity/background_shift"):
+        assert math.isfinite(metrics[key]), key
     text = (out / "report.md").read_text()
     assert "![before and after](before_after.png)" in text and "u-FID" in text
     assert "digit 3" in text
+    assert "## Metrics by two evaluators" in text and "## Measures that need no classifier" in text
+    assert str(Path(evaluation["second_classifier"])) in text
+    assert "bits/dim" in text and "same-seed pixel change" in text
 
     pipeline = DDIMPipeline.from_pretrained(out / "model", local_files_only=True)
     images = pipeline(batch_size=2, num_inference_steps=2, output_type="np",
@@ -56,7 +74,11 @@ def test_the_quick_demo_writes_the_report_and_a_second_run_reuses_the_cache(
           "--forget-class", "3", "--accelerator", "cpu"])
     second = capsys.readouterr().out
     assert "[1/4] pre-train the DDPM and collect the prior: cached in" in second
-    assert "[2/4] train the evaluation classifier: cached in" in second
+    assert "[2/4] train the evaluation classifiers: cached in" in second
+    # The original model's samples were cached too: the same report, the same numbers.
+    assert list((cache / "evaluation").glob("original-*.pt"))
+    again = json.loads((out / "metrics.json").read_text())["evaluation"]["metrics"]
+    assert again == pytest.approx(metrics, nan_ok=True)
 
 
 def test_a_bad_forget_class_is_refused_before_any_work(tmp_path: Path, capsys) -> None:
@@ -81,6 +103,15 @@ def test_the_full_budget_is_the_one_of_the_mnist5k_configs() -> None:
                     if c["class_path"].endswith("PriorSnapshot"))
     assert (FULL.snapshot_every, FULL.snapshot_start) == (snapshot["every_n_steps"],
                                                           snapshot["start_step"])
+    for name, config in (("classifier", "classifier.yaml"),
+                         ("second_classifier", "classifier_lenet.yaml")):
+        classifier = yaml.safe_load((CONFIGS / "mnist5k" / config).read_text())
+        architecture, seed, lr = EVALUATORS[name]
+        epochs = FULL.classifier_epochs if name == "classifier" else \
+            FULL.second_classifier_epochs
+        assert (architecture, seed, lr, epochs) == (
+            classifier["model"]["init_args"]["architecture"], classifier["seed_everything"],
+            classifier["model"]["init_args"]["lr"], classifier["trainer"]["max_epochs"])
     vdu = yaml.safe_load((CONFIGS / "mnist5k" / "vdu.yaml").read_text())
     assert (FULL.gamma, FULL.lr, FULL.unlearn_steps) == (
         vdu["model"]["init_args"]["gamma"], vdu["model"]["init_args"]["lr"],

@@ -20,6 +20,8 @@ def test_the_benchmark_runs_two_methods_and_writes_table_and_scatter(
     model = DiffusionModule(unet=tiny_unet_config, num_train_timesteps=100, sample_steps=2)
     model.save_pretrained(tmp_path / "ddpm")
     ClassifierModule(in_channels=1, num_classes=10).save_pretrained(tmp_path / "classifier")
+    ClassifierModule(in_channels=1, num_classes=10, width=8, architecture="lenet"
+                     ).save_pretrained(tmp_path / "second")
     snapshots = [{n: p.detach() + 1e-2 * torch.randn(p.shape)
                   for n, p in model.unet.named_parameters()} for _ in range(2)]
     ParameterPrior.from_tensors(snapshots, "independent").save(tmp_path / "prior.safetensors")
@@ -27,7 +29,8 @@ def test_the_benchmark_runs_two_methods_and_writes_table_and_scatter(
     command = [
         sys.executable, str(REPO / "benchmarks" / "unlearning.py"),
         "--methods", "vdu", "gradient_ascent", "--seeds", "0", "1", "--workers", "2",
-        "--pretrained", str(tmp_path / "ddpm"), "--classifier", str(tmp_path / "classifier"),
+        "--pretrained", str(tmp_path / "ddpm"),
+        "--classifiers", str(tmp_path / "classifier"), str(tmp_path / "second"),
         "--prior", str(tmp_path / "prior.safetensors"), "--max-steps", "2",
         "--num-samples", "8", "--sample-steps", "2",
         "--data-overrides", json.dumps({"image_size": 8, "forget_size": 16, "batch_size": 8}),
@@ -43,8 +46,19 @@ def test_the_benchmark_runs_two_methods_and_writes_table_and_scatter(
         assert math.isfinite(run["u_fid"]) and run["u_fid"] > 0
         assert 0.0 <= run["retained_drift"] <= 1.0
         assert sum(run["histogram_unlearned"]) == 8
+        assert list(run["paired"]["evaluators"]) == ["classifier", "second"]
+        assert math.isfinite(run["second_u_fid_ratio"])
+        both = all(math.isfinite(run[key]) for key in ("pul", "second_pul"))
+        assert (run["pul_disagreement"] is not None) == both
+        for key in ("bpd_forget_increase", "bpd_retain_increase", "background_shift",
+                    "change_retained"):
+            assert math.isfinite(run[key]), key
+        # The held-out images of the forgotten digit (50) and of the retained ones (450).
+        assert 0 < run["likelihood"]["forget"]["images"] <= run["likelihood"]["retain"]["images"]
     assert [row["method"] for row in report["summary"]] == ["vdu", "gradient_ascent"]
     assert "| vdu | D_f only |" in report["table"]
+    # A row per method in both tables: the evaluators' and the classifier-free measures'.
+    assert report["table"].count("| gradient_ascent | ") == 2
     assert (tmp_path / "scatter.png").stat().st_size > 1000
 
 
@@ -60,7 +74,7 @@ def test_the_benchmark_distils_sfd_and_sid_and_scores_them_against_the_teacher(
     command = [
         sys.executable, str(REPO / "benchmarks" / "unlearning.py"),
         "--methods", "sfd", "sid", "--seeds", "0", "--teacher", str(tmp_path / "teacher"),
-        "--classifier", str(classifier), "--distill-steps", "4",
+        "--classifiers", str(classifier), "--distill-steps", "4",
         "--num-per-label", "3", "--distill-overrides", json.dumps(small),
         "--out", str(tmp_path / "bench.json")]
     done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
@@ -74,6 +88,7 @@ def test_the_benchmark_distils_sfd_and_sid_and_scores_them_against_the_teacher(
             assert 0 <= scores["ua"] <= 100 and 0 <= scores["class_consistency"] <= 100
             assert sum(scores["forgotten_drawn_as"]) == 3  # the 3 samples of label 1
             assert math.isfinite(scores["u_fid"]) and scores["u_fid"] > 0
+            assert "second_ua" not in scores  # one evaluator given: no second column
         assert run["speed"]["speedup"] > 1  # one network call against fifty
         assert (tmp_path / "bench" / f"{run['method']}_seed0" / "model_index.json").is_file()
         assert (tmp_path / "bench" / f"{run['method']}_seed0.png").stat().st_size > 100

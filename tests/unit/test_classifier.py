@@ -15,7 +15,7 @@ def test_features_are_the_penultimate_layer() -> None:
     images = torch.rand(5, 1, 16, 16) * 2 - 1
     features = clf.features(images)
     assert features.shape == (5, clf.feature_dim) == (5, 32)
-    torch.testing.assert_close(clf(images), clf.head(features))
+    torch.testing.assert_close(clf(images), clf.net.head(features))
     # Any image size works (global pooling before the head).
     assert clf.features(torch.zeros(2, 1, 28, 28)).shape == (2, 32)
 
@@ -35,7 +35,7 @@ def test_short_training_learns_the_digits(tmp_path) -> None:
     pl.seed_everything(0)
     clf = ClassifierModule(in_channels=1, num_classes=10, width=16, lr=3e-3)
     data = ImageDataModule(dataset="digits", batch_size=64)
-    trainer = pl.Trainer(accelerator="cpu", max_epochs=3, logger=False,
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=6, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False,
                          default_root_dir=tmp_path)
     trainer.fit(clf, datamodule=data)

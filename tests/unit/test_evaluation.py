@@ -15,12 +15,12 @@ from PIL import Image
 from evaluation_helpers import RecordingWandbLogger, TinyUnlearner, one_thread, tiny_classifier
 from vdu_lightning import ClassifierModule, ForgetSetDataModule
 from vdu_lightning.callbacks.evaluation import UnlearningEvaluation
-from vdu_lightning.callbacks.samples import image_grid
 from vdu_lightning.diffusion import seeded_noise
+from vdu_lightning.evaluation import before_after_grid, load_classifier, variational_bound
 from vdu_lightning.metrics import UnlearnedFID, percent_unlearned
 
 SETTINGS = {"num_samples": 40, "seed": 5, "num_steps": 2, "batch_size": 16,
-            "num_reference": 150, "grid_images": 6}
+            "num_reference": 150, "grid_images": 6, "likelihood_timesteps": 3}
 FID_NAME = "u_fid/classifier/ddim2"
 
 
@@ -38,28 +38,41 @@ def direct(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 def _direct(root: Path) -> dict:
-    classifier = tiny_classifier(root / "classifier")
+    tiny_classifier(root / "classifier")
+    tiny_classifier(root / "second", seed=1, architecture="lenet")
     module = TinyUnlearner()
     noise = seeded_noise(SETTINGS["num_samples"], module.sample_shape, SETTINGS["seed"])
     samples = {name: module.sample_from(noise, original=name == "original", num_steps=2)
                for name in ("original", "unlearned")}
-    labels = {name: classifier.predict_labels(images) for name, images in samples.items()}
+    readings, fids = {}, {}
+    for evaluator in ("classifier", "second"):
+        net = load_classifier(root / evaluator)
+        readings[evaluator] = {name: net.predict(images) for name, images in samples.items()}
+    labels = {name: reading[0] for name, reading in readings["classifier"].items()}
     forget = int(torch.bincount(labels["original"]).argmax())  # so that n_orig > 0
-    data = ForgetSetDataModule(dataset="digits", forget_classes=[forget])
+    data = ForgetSetDataModule(dataset="digits", forget_classes=[forget], eval_size=8)
     train = data.load("train")
     members = torch.nonzero(train.labels != forget).flatten()
     chosen = torch.randperm(len(members), generator=torch.Generator().manual_seed(
         SETTINGS["seed"]))[:SETTINGS["num_reference"]]
     reference = train.images[torch.sort(members[chosen]).values]
-    fid = UnlearnedFID(classifier=classifier, num_steps=2)
-    fid.update(reference, real=True)
-    fids = {}
-    for name, images in samples.items():
-        fid.update(images, real=False)
-        fids[name] = fid.compute().item()
-        fid.reset()
-    return {"classifier": root / "classifier", "samples": samples, "labels": labels,
-            "forget": forget, "fids": fids}
+    for evaluator in ("classifier", "second"):
+        fid = UnlearnedFID(classifier=load_classifier(root / evaluator), num_steps=2)
+        fid.update(reference, real=True)
+        for name, images in samples.items():
+            fid.update(images, real=False)
+            fids[evaluator, name] = fid.compute().item()
+            fid.reset()
+    data.setup("validate")
+    held_out = {part: torch.stack([item["image"] for item in getattr(data, f"{part}_eval_set")])
+                for part in ("forget", "retain")}
+    bounds = {(name, part): variational_bound(
+        module.original_unet if name == "original" else module.unet,
+        module.scheduler.betas, images, timesteps=3, seed=SETTINGS["seed"]).bits_per_dim
+        for name in ("original", "unlearned") for part, images in held_out.items()}
+    return {"classifier": root / "classifier", "second": root / "second", "samples": samples,
+            "labels": labels, "readings": readings, "forget": forget, "fids": fids,
+            "bounds": bounds}
 
 
 def _datamodule(forget: int) -> ForgetSetDataModule:
@@ -75,7 +88,8 @@ def _trainer(logger: object = False, **kwargs: object) -> pl.Trainer:
 
 def test_validate_matches_a_direct_computation(tmp_path: Path, direct: dict) -> None:
     module, data = TinyUnlearner(), _datamodule(direct["forget"])
-    callback = UnlearningEvaluation(classifier=str(direct["classifier"]), **SETTINGS)
+    callback = UnlearningEvaluation(classifier=str(direct["classifier"]),
+                                    second_classifier=str(direct["second"]), **SETTINGS)
     logger = RecordingWandbLogger(str(tmp_path / "logs"))
     _trainer(logger, callbacks=[callback]).validate(module, datamodule=data)
 
@@ -95,10 +109,12 @@ def test_validate_matches_a_direct_computation(tmp_path: Path, direct: dict) -> 
         percent_unlearned(hist["original"][forget], hist["unlearned"][forget]).item())
     assert metrics["forget_fraction_original"] == hist["original"][forget] / 40
     assert metrics["forget_fraction_unlearned"] == hist["unlearned"][forget] / 40
-    assert metrics[FID_NAME] == pytest.approx(direct["fids"]["unlearned"], rel=1e-5)
-    assert metrics[f"original/{FID_NAME}"] == pytest.approx(direct["fids"]["original"], rel=1e-5)
+    fids = direct["fids"]
+    assert metrics[FID_NAME] == pytest.approx(fids["classifier", "unlearned"], rel=1e-5)
+    assert metrics[f"original/{FID_NAME}"] == pytest.approx(fids["classifier", "original"],
+                                                            rel=1e-5)
     assert metrics["u_fid_ratio"] == pytest.approx(
-        direct["fids"]["unlearned"] / direct["fids"]["original"], rel=1e-5)
+        fids["classifier", "unlearned"] / fids["classifier", "original"], rel=1e-5)
     assert metrics[FID_NAME] != pytest.approx(metrics[f"original/{FID_NAME}"])
     assert results["num_reference"] == 150
     assert callback.results["metrics"] == pytest.approx(metrics)
@@ -106,14 +122,37 @@ def test_validate_matches_a_direct_computation(tmp_path: Path, direct: dict) -> 
     assert logged[f"eval/{FID_NAME}"] == pytest.approx(metrics[FID_NAME])
     assert logged["eval/pul"] == pytest.approx(metrics["pul"])
 
-    # The grid: left the original's first samples, right the unlearned model's, same seeds.
-    grid = np.asarray(Image.open(out / "samples_step_0000000.png").convert("L"), dtype=float)
-    left = image_grid(direct["samples"]["original"][:6])
-    right = image_grid(direct["samples"]["unlearned"][:6])
-    width = left.shape[2]
-    assert grid.shape == (left.shape[1], 2 * width + 8)
-    np.testing.assert_allclose(grid[:, :width], left[0].numpy() * 255, atol=1)
-    np.testing.assert_allclose(grid[:, -width:], right[0].numpy() * 255, atol=1)
+    # The second evaluator, scored alike, and the gap between the two.
+    second = results["paired"]["evaluators"]["second_classifier"]
+    second_hist = [torch.bincount(direct["readings"]["second"][name][0], minlength=10).tolist()
+                   for name in ("original", "unlearned")]
+    assert [second["histogram_original"], second["histogram_unlearned"]] == second_hist
+    assert second["u_fid_ratio"] == pytest.approx(
+        fids["second", "unlearned"] / fids["second", "original"], rel=1e-5)
+    assert logged["eval/second_classifier/pul"] == pytest.approx(second["pul"], nan_ok=True)
+
+    # The measures that need no classifier.
+    original, unlearned = direct["samples"]["original"], direct["samples"]["unlearned"]
+    change = (unlearned - original).abs().flatten(1).mean(1)
+    forgotten = direct["labels"]["original"] == forget
+    assert metrics["sample_change/forgotten"] == pytest.approx(float(change[forgotten].mean()))
+    assert metrics["sample_change/retained"] == pytest.approx(float(change[~forgotten].mean()))
+    assert metrics["intensity/mean_shift"] == pytest.approx(
+        float(unlearned.mean() - original.mean()), abs=1e-6)
+    bounds = direct["bounds"]
+    for part in ("forget", "retain"):
+        increase = (bounds["unlearned", part] - bounds["original", part]).mean()
+        assert metrics[f"likelihood/{part}_bpd_increase"] == pytest.approx(float(increase))
+    assert results["likelihood"]["forget"]["images"] == 8
+
+    # The grid: the original's first samples left, the unlearned model's right, captioned.
+    readings = direct["readings"]["classifier"]
+    expected = before_after_grid(original[:6], unlearned[:6],
+                                 tuple(t[:6] for t in readings["original"]),
+                                 tuple(t[:6] for t in readings["unlearned"]), [forget],
+                                 evaluator="the classifier")
+    written = np.asarray(Image.open(out / "samples_step_0000000.png").convert("RGB"))
+    np.testing.assert_array_equal(written, np.asarray(expected))
     Image.open(out / "histogram_step_0000000.png").verify()
     assert [(i["key"], i["step"]) for i in logger.images] == [("eval/samples", 0)]
 

@@ -1,9 +1,11 @@
-"""``UnlearningEvaluation``: PUL, u-FID and class histograms of fixed-seed samples.
+"""``UnlearningEvaluation``: PUL and u-FID by two evaluators, measures that need no
+classifier, histograms and readable grids, of fixed-seed samples (method.md §4).
 
 Sample i is drawn from the same noise by the original and by the unlearned model, so the two
-sets are paired. The original model never changes: its predictions, its FID and its grid
-images are computed once per (module, datamodule, world) and kept; later evaluations sample
-only the unlearned model.
+sets are paired. The original model never changes: its samples and its likelihood of the
+held-out images are computed once per (module, datamodule, world) and kept, and on disk with
+``cache_dir``; later evaluations sample only the unlearned model. The scoring itself is
+``vdu_lightning.evaluation`` (plain torch), the same code the demo and the benchmarks use.
 """
 
 from __future__ import annotations
@@ -15,17 +17,27 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from vdu_lightning.callbacks.samples import image_grid, save_grid
+from vdu_lightning.callbacks.samples import save_grid
 from vdu_lightning.diffusion import seeded_noise
+from vdu_lightning.evaluation import (
+    ClassifierNet,
+    Likelihood,
+    PairedEvaluation,
+    before_after_grid,
+    likelihood_change,
+    load_classifier,
+    variational_bound,
+)
+from vdu_lightning.evaluation.cache import OriginalCache, state_digest, tensor_digest
 from vdu_lightning.files import atomic_file, atomic_write_text
-from vdu_lightning.metrics import PercentUnlearned, UnlearnedFID
-from vdu_lightning.modules.classifier import ClassifierModule
+from vdu_lightning.metrics import UnlearnedFID
 from vdu_lightning.modules.compat import refuse_sharded_weights
 
 #: The sampler behind ``sample_from`` (deterministic DDIM), recorded beside every FID.
@@ -93,13 +105,20 @@ class EvaluationCallback(pl.Callback):
                            caption: str) -> None:
         """Two grids ([C, H, W] in [0, 1]) side by side: ``samples_step_<step>.png``, and the
         logger's image (W&B, TensorBoard)."""
-        step = trainer.global_step
         gap = torch.ones(left.shape[0], left.shape[1], 8)
         grid = torch.cat([left, gap, right], dim=2)
-        path = out / f"samples_step_{step:07d}.png"
+        path = out / f"samples_step_{trainer.global_step:07d}.png"
         save_grid(grid, path)
+        EvaluationCallback.log_picture(trainer, path, grid, caption)
+
+    @staticmethod
+    def log_picture(trainer: pl.Trainer, path: Path, grid: Tensor, caption: str) -> None:
+        """Give a written PNG (``grid``: the same picture, [C, H, W] in [0, 1]) to the loggers
+        that show images: W&B (the file: wandb reads float tensors as 0..255) and
+        TensorBoard."""
+        step = trainer.global_step
         for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):  # the PNG: wandb reads float tensors as 0..255
+            if isinstance(logger, WandbLogger):
                 logger.log_image(key="eval/samples", images=[str(path)], step=step,
                                  caption=[caption])
             elif isinstance(logger, TensorBoardLogger):
@@ -131,30 +150,57 @@ class EvaluationCallback(pl.Callback):
 
 
 class UnlearningEvaluation(EvaluationCallback):
-    """Evaluate unlearning on ``vdu validate`` / ``vdu test``: PUL, u-FID, histograms, grid.
+    """Evaluate unlearning on ``vdu validate`` / ``vdu test``: two evaluators' PUL and u-FID,
+    classifier-free measures, histograms and a captioned before/after grid.
 
     The module must provide ``sample_shape`` and ``sample_from(noise, original=False,
-    num_steps=None)`` (images in [-1, 1]); the datamodule ``forget_classes``,
-    ``retain_classes``, ``num_classes`` and ``load(split)``. Under DDP each rank samples
-    ``noise[rank::world_size]`` of the same ``num_samples`` noises, so the results equal a
-    single-process run's. Logged (already synced): ``eval/pul``, ``eval/<fid name>``,
-    ``eval/original/<fid name>``, ``eval/u_fid_ratio`` (unlearned / original),
-    ``eval/forget_fraction_original``, ``eval/forget_fraction_unlearned``. Rank 0 writes
-    ``evaluation_step_XXXXXXX.json``, ``samples_step_XXXXXXX.png`` (left original, right
-    unlearned) and ``histogram_step_XXXXXXX.png`` to ``dirpath``. The last results stay in
-    ``self.results``.
+    num_steps=None)`` (images in [-1, 1]); for the likelihood measures also ``unet``,
+    ``original_unet`` and ``scheduler`` (as every ``UnlearningModule``). The datamodule must
+    provide ``forget_classes``, ``retain_classes``, ``num_classes`` and ``load(split)``, and
+    for the likelihood ``forget_eval_set`` / ``retain_eval_set`` (held-out real images, as
+    ``ForgetSetDataModule``). Under DDP each rank samples ``noise[rank::world_size]`` of the
+    same ``num_samples`` noises and the samples are gathered, so the results equal a
+    single-process run's.
+
+    Measured (``vdu_lightning.evaluation``; every value in ``self.results``):
+
+    * per evaluator (``classifier``, and ``second_classifier`` if given): PUL, u-FID of both
+      models against the real retained-class images of ``reference_split`` and its ratio,
+      the class histograms, the retained-class drift; the PUL gap between the two, flagged
+      above ``disagreement`` points;
+    * with no classifier: the variational bound (bits per dimension) and denoising error of
+      the held-out forget and retain images under both models, and the selectivity (the
+      forget increase over the retain increase); the same-seed pixel change of the seeds
+      whose original is a forgotten class and of the others; the shift of the samples' mean
+      and background intensity.
+
+    Logged (already synced): ``eval/pul``, ``eval/u_fid_ratio``, ``eval/<fid name>``,
+    ``eval/original/<fid name>``, ``eval/forget_fraction_*``, ``eval/retained_drift`` (the
+    primary evaluator); ``eval/second_classifier/pul`` and ``.../u_fid_ratio``;
+    ``eval/pul_disagreement``; ``eval/sample_change/{retained,forgotten,ratio}``;
+    ``eval/intensity/{mean_shift,background_shift}``;
+    ``eval/likelihood/{forget,retain}_bpd_increase`` and ``eval/likelihood/selectivity``.
+    Rank 0 writes ``evaluation_step_XXXXXXX.json``, ``samples_step_XXXXXXX.png`` (left
+    original, right unlearned, upscaled and captioned with the primary evaluator's label and
+    confidence, originals of a forgotten class framed in red) and
+    ``histogram_step_XXXXXXX.png`` to ``dirpath``, and gives the grid to W&B / TensorBoard.
 
     Args:
-        classifier: a ``ClassifierModule.save_pretrained`` directory (labels, and FID features
-            unless ``inception_weights`` is given).
+        classifier: the primary evaluator, a ``ClassifierModule.save_pretrained`` directory.
+        second_classifier: an independent second evaluator (another architecture and seed).
         num_samples: N, samples per model.
         seed: seed of the noises (and of the reference subset).
         num_steps: sampler steps.
-        batch_size: noises per ``sample_from`` call (and images per feature pass).
-        inception_weights: a local Inception-v3 weights file for FID (needs torch-fidelity).
+        batch_size: noises per ``sample_from`` call (and images per network pass).
+        inception_weights: also a u-FID on Inception-v3 from this local weights file.
         reference_split: the split whose retained-class images are FID's real images.
         num_reference: the most reference images (a seeded subset); None: all.
         grid_images: samples per side of the grid (0: no grid).
+        grid_tile: pixels per sample side in the grid.
+        likelihood_timesteps: Monte Carlo timesteps per held-out image for the bound (0: skip
+            the likelihood measures).
+        disagreement: the PUL gap (points) between the evaluators that is flagged.
+        cache_dir: keep the original model's samples and likelihood here between runs.
         dirpath: where files go; default ``<trainer.log_dir>/evaluation``.
         during_fit: also evaluate at fit's validations (minutes on a CPU), never in the
             sanity check.
@@ -164,12 +210,14 @@ class UnlearningEvaluation(EvaluationCallback):
         trainer:
           callbacks:
             - class_path: vdu_lightning.callbacks.UnlearningEvaluation
-              init_args: {classifier: runs/mnist5k/classifier, num_samples: 1000}
+              init_args: {classifier: runs/mnist5k/classifier,
+                          second_classifier: runs/mnist5k/classifier_lenet}
     """
 
     def __init__(
         self,
         classifier: str,
+        second_classifier: str | None = None,
         num_samples: int = 1000,
         seed: int = 0,
         num_steps: int = 50,
@@ -178,6 +226,10 @@ class UnlearningEvaluation(EvaluationCallback):
         reference_split: str = "train",
         num_reference: int | None = None,
         grid_images: int = 32,
+        grid_tile: int = 64,
+        likelihood_timesteps: int = 8,
+        disagreement: float = 10.0,
+        cache_dir: str | None = None,
         dirpath: str | None = None,
         during_fit: bool = False,
     ) -> None:
@@ -185,9 +237,15 @@ class UnlearningEvaluation(EvaluationCallback):
         _positive("num_steps", num_steps)
         _positive("batch_size", batch_size)
         _positive("grid_images", grid_images, 0)
+        _positive("grid_tile", grid_tile, 8)
+        _positive("likelihood_timesteps", likelihood_timesteps, 0)
         if num_reference is not None:
             _positive("num_reference", num_reference, 2)
+        if not disagreement >= 0:
+            raise ValueError(f"disagreement must be a number of points >= 0, got "
+                             f"{disagreement!r}")
         self.classifier = classifier
+        self.second_classifier = second_classifier
         self.num_samples = num_samples
         self.seed = seed
         self.num_steps = num_steps
@@ -196,6 +254,10 @@ class UnlearningEvaluation(EvaluationCallback):
         self.reference_split = reference_split
         self.num_reference = num_reference
         self.grid_images = grid_images
+        self.grid_tile = grid_tile
+        self.likelihood_timesteps = likelihood_timesteps
+        self.disagreement = disagreement
+        self.cache_dir = cache_dir
         super().__init__(dirpath, during_fit)
 
     # ---- setup: every check before any sampling -----------------------------------------
@@ -216,29 +278,32 @@ class UnlearningEvaluation(EvaluationCallback):
                              f"{trainer.world_size} processes: each needs a sample")
         self._resolve_dirpath(trainer)
         if stage == "fit" and not self.during_fit:
-            return  # nothing to evaluate: spare fit the classifier and the reference images
+            return  # nothing to evaluate: spare fit the classifiers and the reference images
         key = (id(pl_module), id(data), trainer.world_size, trainer.global_rank)
         if key == self._cache_key:
             return
         self._cache_key, self._original = key, None
-        self._classifier = self._load_classifier(data, tuple(pl_module.sample_shape))
-        self._pul = PercentUnlearned(self._classifier.hparams.num_classes, data.forget_classes)
+        shape = tuple(pl_module.sample_shape)
+        evaluators = {"classifier": self._load_classifier(self.classifier, data, shape)}
+        if self.second_classifier is not None:
+            evaluators["second_classifier"] = self._load_classifier(self.second_classifier,
+                                                                    data, shape)
+        reference = self._reference_images(data, shape)
+        self._paired = PairedEvaluation(evaluators, data.forget_classes, reference, SAMPLER,
+                                        self.num_steps, self.disagreement, self.batch_size)
+        self._inception = None
         if self.inception_weights is not None:
-            self._fid = UnlearnedFID(inception_weights=self.inception_weights, sampler=SAMPLER,
-                                     num_steps=self.num_steps)
-        else:
-            self._fid = UnlearnedFID(classifier=self._classifier, sampler=SAMPLER,
-                                     num_steps=self.num_steps)
-        self._reference = self._reference_images(data, tuple(pl_module.sample_shape), trainer)
+            self._inception = UnlearnedFID(inception_weights=self.inception_weights,
+                                           sampler=SAMPLER, num_steps=self.num_steps,
+                                           sync_on_compute=False)
+            for chunk in reference.split(self.batch_size):
+                self._inception.update(chunk, real=True)
+        self._held_out = self._held_out_images(pl_module, data)
 
-    def _load_classifier(self, data: Any, sample_shape: tuple[int, ...]) -> ClassifierModule:
-        path = Path(self.classifier)
-        if not path.is_dir():
-            raise FileNotFoundError(f"evaluation classifier directory not found: {path} "
-                                    "(expected a directory written by "
-                                    "ClassifierModule.save_pretrained)")
-        classifier = ClassifierModule.from_pretrained(path).requires_grad_(False)
-        classes = classifier.hparams.num_classes
+    def _load_classifier(self, path: str, data: Any, sample_shape: tuple[int, ...]
+                         ) -> ClassifierNet:
+        classifier = load_classifier(path).requires_grad_(False)
+        classes = classifier.num_classes
         if data.num_classes and data.num_classes != classes:
             raise ValueError(f"the classifier {path} has {classes} classes but the data set "
                              f"has {data.num_classes}: use a classifier trained on this data")
@@ -246,14 +311,13 @@ class UnlearningEvaluation(EvaluationCallback):
                    if not 0 <= c < classes]
         if outside:
             raise ValueError(f"classes {outside} are outside the classifier's [0, {classes - 1}]")
-        if classifier.hparams.in_channels != sample_shape[0]:
-            raise ValueError(f"the classifier takes {classifier.hparams.in_channels}-channel "
+        if classifier.in_channels != sample_shape[0]:
+            raise ValueError(f"the classifier {path} takes {classifier.in_channels}-channel "
                              f"images but the model samples {sample_shape}")
         return classifier
 
-    def _reference_images(self, data: Any, sample_shape: tuple[int, ...],
-                          trainer: pl.Trainer) -> tuple[Any, Tensor]:
-        """This rank's share of the (seeded, capped) retained-class images of the split."""
+    def _reference_images(self, data: Any, sample_shape: tuple[int, ...]) -> Tensor:
+        """The (seeded, capped) retained-class images of the split: FID's real images."""
         dataset = data.load(self.reference_split)
         if not hasattr(dataset, "labels"):
             raise TypeError(f"the {self.reference_split!r} split must have a .labels tensor to "
@@ -267,101 +331,194 @@ class UnlearningEvaluation(EvaluationCallback):
             generator = torch.Generator().manual_seed(self.seed)
             chosen = torch.randperm(len(members), generator=generator)[:self.num_reference]
             members = torch.sort(members[chosen]).values
-        shape = tuple(dataset[int(members[0])]["image"].shape)
-        if shape != sample_shape:
-            raise ValueError(f"reference images have shape {shape} but samples {sample_shape}")
-        self._reference_count = len(members)
-        return dataset, members[trainer.global_rank::trainer.world_size]
+        images = torch.stack([dataset[int(i)]["image"] for i in members])
+        if tuple(images.shape[1:]) != sample_shape:
+            raise ValueError(f"reference images have shape {tuple(images.shape[1:])} but "
+                             f"samples {sample_shape}")
+        return images
+
+    def _held_out_images(self, pl_module: pl.LightningModule, data: Any
+                         ) -> dict[str, tuple[Tensor, Tensor]] | None:
+        """The held-out forget and retain images (and labels) the likelihood is measured on,
+        or None when the module or the datamodule cannot give them."""
+        needs = ("unet", "original_unet", "scheduler")
+        if (self.likelihood_timesteps == 0 or not all(hasattr(pl_module, n) for n in needs)
+                or not all(hasattr(data, f"{p}_eval_set") for p in ("forget", "retain"))):
+            return None
+        parts = {}
+        for part in ("forget", "retain"):
+            dataset = getattr(data, f"{part}_eval_set")
+            items = [dataset[i] for i in range(len(dataset))]
+            parts[part] = (torch.stack([item["image"] for item in items]),
+                           torch.tensor([int(item.get("label", 0)) for item in items]))
+        return parts
 
     # ---- what ---------------------------------------------------------------------------
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         """Sample, score, log and write; every rank must call it. Returns ``self.results``."""
-        device = pl_module.device
-        for part in (self._classifier, self._fid, self._pul):
-            part.to(device)
-        noise = seeded_noise(self.num_samples, tuple(pl_module.sample_shape), self.seed)
-        noise = noise[trainer.global_rank::trainer.world_size]
+        self._paired.to(pl_module.device)
         if self._original is None:
-            self._add_reference(device)
-            self._original = self._sample_and_score(trainer, pl_module, noise, original=True)
-            self._reference = None  # its statistics stay in the FID metric
-        unlearned = self._sample_and_score(trainer, pl_module, noise, original=False)
-        self._pul.reset()
-        self._pul.update(self._original["preds"].to(device), unlearned["preds"])
-        pul = float(self._pul.compute())
-        hist_original, hist_unlearned = (h.cpu() for h in self._pul.histograms())
-        forget = torch.tensor(self._pul.forget_classes)
-        fid_original, fid_unlearned = self._original["fid"], unlearned["fid"]
-        metrics = {
-            "pul": pul,
-            self._fid.name: fid_unlearned,
-            f"original/{self._fid.name}": fid_original,
-            "u_fid_ratio": fid_unlearned / fid_original if fid_original > 0 else float("nan"),
-            "forget_fraction_original": float(hist_original[forget].sum()) / self.num_samples,
-            "forget_fraction_unlearned": float(hist_unlearned[forget].sum()) / self.num_samples,
-        }
+            self._original = self._original_results(trainer, pl_module)
+        original = self._original["samples"]
+        unlearned = self._sample(trainer, pl_module, original=False)
+        paired = self._paired.compare(original, unlearned)
+        likelihood = None
+        if self._held_out is not None:
+            likelihood = likelihood_change(self._original["likelihood"],
+                                           self._likelihood(pl_module, original=False))
+        inception = self._inception_scores(original, unlearned, pl_module.device)
+        metrics = self._metrics(paired, likelihood, inception)
         for name, value in metrics.items():
-            pl_module.log(f"eval/{name}", value, sync_dist=False)  # values are synced already
+            pl_module.log(f"eval/{name}", value, sync_dist=False)  # the same on every rank
+        primary = paired["evaluators"]["classifier"]
         self.results = {
             "step": trainer.global_step,
             "stage": trainer.state.fn.value,
             "metrics": metrics,
-            "histograms": {"original": hist_original.tolist(),
-                           "unlearned": hist_unlearned.tolist()},
-            "forget_classes": list(self._pul.forget_classes),
+            "paired": paired,
+            "likelihood": likelihood,
+            "inception": inception,
+            "histograms": {"original": primary["histogram_original"],
+                           "unlearned": primary["histogram_unlearned"]},
+            "forget_classes": list(self._paired.forget_classes),
             "retain_classes": list(trainer.datamodule.retain_classes),
             "num_samples": self.num_samples,
             "seed": self.seed,
             "sampler": SAMPLER,
             "num_steps": self.num_steps,
-            "features": self._fid.feature_kind,
-            "fid_name": self._fid.name,
+            "features": "classifier",
+            "fid_name": primary["u_fid_name"],
             "reference_split": self.reference_split,
-            "num_reference": self._reference_count,
+            "num_reference": self._paired.reference_count,
             "classifier": str(self.classifier),
+            "second_classifier": (None if self.second_classifier is None
+                                  else str(self.second_classifier)),
         }
         if trainer.is_global_zero:
-            self._write(trainer, self._original["grid"], unlearned["grid"])
+            self._write(trainer, original, unlearned)
         return self.results
 
-    def _add_reference(self, device: torch.device) -> None:
-        # A fresh start: an earlier evaluation may have failed half-way through.
-        self._fid.reset_real_features = True
-        self._fid.reset()
-        self._fid.reset_real_features = False
-        dataset, indices = self._reference
-        for chunk in indices.split(self.batch_size):
-            images = torch.stack([dataset[int(i)]["image"] for i in chunk])
-            self._fid.update(images.to(device), real=True)
+    @staticmethod
+    def _metrics(paired: dict[str, Any], likelihood: dict[str, Any] | None,
+                 inception: dict[str, Any] | None) -> dict[str, float]:
+        """The scalar measures, flat, as logged and as in the report's table."""
+        primary = paired["evaluators"]["classifier"]
+        fid = primary["u_fid_name"]
+        metrics = {
+            "pul": primary["pul"], fid: primary["u_fid"],
+            f"original/{fid}": primary["u_fid_original"], "u_fid_ratio": primary["u_fid_ratio"],
+            "forget_fraction_original": primary["forget_fraction_original"],
+            "forget_fraction_unlearned": primary["forget_fraction_unlearned"],
+            "retained_drift": primary["retained_drift"],
+        }
+        for name, scores in paired["evaluators"].items():
+            if name != "classifier":
+                metrics.update({f"{name}/pul": scores["pul"],
+                                f"{name}/u_fid_ratio": scores["u_fid_ratio"]})
+        if paired["pul_disagreement"] is not None:
+            metrics["pul_disagreement"] = paired["pul_disagreement"]
+        change = paired["sample_change"]
+        for part in ("retained", "forgotten", "ratio"):
+            if change[part] is not None:
+                metrics[f"sample_change/{part}"] = change[part]
+        metrics["intensity/mean_shift"] = paired["intensity"]["mean_shift"]
+        metrics["intensity/background_shift"] = paired["intensity"]["background_shift"]
+        if likelihood is not None:
+            for part in ("forget", "retain"):
+                metrics[f"likelihood/{part}_bpd_increase"] = likelihood[part][
+                    "bits_per_dim_increase"]
+            if likelihood["selectivity"] is not None:
+                metrics["likelihood/selectivity"] = likelihood["selectivity"]
+        if inception is not None:
+            metrics[inception["name"]] = inception["u_fid"]
+            metrics[f"original/{inception['name']}"] = inception["u_fid_original"]
+        return {name: float(value) for name, value in metrics.items()}
 
-    def _sample_and_score(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                          noise: Tensor, original: bool) -> dict[str, Any]:
-        """Labels and FID of this rank's samples, and the first ``grid_images`` of all ranks."""
-        self._fid.reset()  # fake statistics left by an evaluation that failed half-way
-        world = trainer.world_size
-        per_rank = min(math.ceil(self.grid_images / world), self.num_samples // world)
-        preds, firsts = [], []
-        for chunk in noise.split(self.batch_size):
+    def _original_results(self, trainer: pl.Trainer, pl_module: pl.LightningModule
+                          ) -> dict[str, Any]:
+        """The original model's samples and likelihood: from ``cache_dir`` if it holds them
+        for this very model and these settings, else computed (and stored there)."""
+        cache = key = None
+        if self.cache_dir is not None:
+            cache, key = OriginalCache(self.cache_dir), self._original_key(pl_module)
+            entry = cache.load(key)
+            if entry is not None:
+                entry["likelihood"] = {part: Likelihood(**values) for part, values in
+                                       (entry["likelihood"] or {}).items()}
+                return entry
+        results = {"samples": self._sample(trainer, pl_module, original=True),
+                   "likelihood": (None if self._held_out is None else
+                                  self._likelihood(pl_module, original=True))}
+        if cache is not None and trainer.is_global_zero:
+            likelihood = {part: vars(values) for part, values in
+                          (results["likelihood"] or {}).items()}
+            cache.store(key, {"samples": results["samples"], "likelihood": likelihood})
+        return results
+
+    def _original_key(self, pl_module: pl.LightningModule) -> str:
+        if not hasattr(pl_module, "original_unet"):
+            raise TypeError("cache_dir needs a module with original_unet (the pre-trained "
+                            "network the cache is keyed by)")
+        held_out = ({part: tensor_digest(images) for part, (images, _) in
+                     self._held_out.items()} if self._held_out is not None else None)
+        return OriginalCache.key(model=state_digest(pl_module.original_unet),
+                                 shape=list(pl_module.sample_shape),
+                                 num_samples=self.num_samples, seed=self.seed,
+                                 num_steps=self.num_steps, sampler=SAMPLER,
+                                 likelihood_timesteps=self.likelihood_timesteps,
+                                 held_out=held_out)
+
+    def _sample(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                original: bool) -> Tensor:
+        """All ``num_samples`` samples, in order: each rank draws its share and they are
+        gathered."""
+        world, rank = trainer.world_size, trainer.global_rank
+        noise = seeded_noise(self.num_samples, tuple(pl_module.sample_shape), self.seed)
+        mine = noise[rank::world]
+        chunks = []
+        for chunk in mine.split(self.batch_size):
             images = pl_module.sample_from(chunk.to(pl_module.device), original=original,
                                            num_steps=self.num_steps)
             if tuple(images.shape) != tuple(chunk.shape):
                 raise ValueError(f"sample_from returned shape {tuple(images.shape)} for noise "
                                  f"of shape {tuple(chunk.shape)}")
-            images = images.float()
-            preds.append(self._classifier.predict_labels(images))
-            self._fid.update(images, real=False)
-            kept = sum(len(f) for f in firsts)
-            if kept < per_rank:
-                firsts.append(images[:per_rank - kept])
-        fid = float(self._fid.compute())
-        self._fid.reset()  # the fake statistics only; the real ones are kept
-        grid = torch.cat(firsts) if firsts else noise[:0]
-        if world > 1 and per_rank > 0:
-            # Rank r holds samples r, r + W, ...: interleave to get samples 0, 1, 2, ...
-            gathered = trainer.strategy.all_gather(grid)
-            grid = gathered.transpose(0, 1).reshape(-1, *grid.shape[1:])
-        return {"preds": torch.cat(preds).cpu(), "fid": fid,
-                "grid": grid[:self.grid_images].cpu()}
+            chunks.append(images.float())
+        samples = torch.cat(chunks)
+        if world == 1:
+            return samples.cpu()
+        # Rank r holds samples r, r + W, ...: pad every share to the same length (the padding
+        # lands past the end), gather, and interleave to get samples 0, 1, 2, ...
+        per_rank = math.ceil(self.num_samples / world)
+        padding = samples[-1:].expand(per_rank - len(samples), *samples.shape[1:])
+        gathered = trainer.strategy.all_gather(torch.cat([samples, padding]))
+        interleaved = gathered.transpose(0, 1).reshape(-1, *samples.shape[1:])
+        return interleaved[:self.num_samples].cpu()
+
+    def _likelihood(self, pl_module: pl.LightningModule, original: bool
+                    ) -> dict[str, Likelihood]:
+        """The bound of each held-out part under one model (every rank computes all of it:
+        a few seconds, and no collective)."""
+        unet = pl_module.original_unet if original else pl_module.unet
+        labels_needed = bool(getattr(pl_module, "conditional", False))
+        return {part: variational_bound(unet, pl_module.scheduler.betas, images,
+                                        labels if labels_needed else None,
+                                        self.likelihood_timesteps, self.seed, self.batch_size)
+                for part, (images, labels) in self._held_out.items()}
+
+    def _inception_scores(self, original: Tensor, unlearned: Tensor,
+                          device: torch.device) -> dict[str, Any] | None:
+        if self._inception is None:
+            return None
+        fid = self._inception.to(device)
+        values = []
+        for images in (original, unlearned):
+            fid.reset()
+            for chunk in images.split(self.batch_size):
+                fid.update(chunk.to(device), real=False)
+            values.append(float(fid.compute()))
+        fid.reset()
+        return {"name": fid.name, "u_fid_original": values[0], "u_fid": values[1],
+                "u_fid_ratio": values[1] / values[0] if values[0] > 0 else float("nan")}
 
     def _write(self, trainer: pl.Trainer, original: Tensor, unlearned: Tensor) -> None:
         step = trainer.global_step
@@ -372,7 +529,18 @@ class UnlearningEvaluation(EvaluationCallback):
                 "original"], results["histograms"]["unlearned"], results["forget_classes"])
         except ImportError:
             rank_zero_warn("matplotlib is not installed: no histogram PNG (the JSON has it)")
-        if len(original) == 0:
+        count = min(self.grid_images, len(original))
+        if count == 0:
             return
-        self.write_side_by_side(trainer, image_grid(original), image_grid(unlearned), out,
-                                f"left original, right unlearned; step {step}, seed {self.seed}")
+        picture = before_after_grid(
+            original[:count], unlearned[:count],
+            *(self._paired.read(images[:count])["classifier"]
+              for images in (original, unlearned)),
+            self._paired.forget_classes, evaluator="the classifier", tile=self.grid_tile)
+        path = out / f"samples_step_{step:07d}.png"
+        with atomic_file(path) as tmp:
+            picture.save(tmp, format="png")
+        grid = torch.from_numpy(np.array(picture)).permute(2, 0, 1).float() / 255
+        self.log_picture(trainer, path, grid,
+                         f"left original, right unlearned; step {step}, seed {self.seed}; "
+                         "captions: label and confidence; red: originals of a forgotten class")

@@ -24,9 +24,9 @@ from torch import Tensor, nn
 from vdu_lightning.callbacks.evaluation import EvaluationCallback, _positive
 from vdu_lightning.callbacks.samples import image_grid
 from vdu_lightning.data.folder import CaptionedImageFolder
+from vdu_lightning.evaluation import load_classifier
 from vdu_lightning.files import check_directory_writable
 from vdu_lightning.metrics import UnlearnedFID, percent_unlearned
-from vdu_lightning.modules.classifier import ClassifierModule
 from vdu_lightning.modules.compat import refuse_sharded_weights
 
 
@@ -306,9 +306,9 @@ class TextToImageEvaluation(EvaluationCallback):
         if not path.is_dir():
             raise FileNotFoundError(f"fid_classifier directory not found: {path} (expected a "
                                     "directory written by ClassifierModule.save_pretrained)")
-        classifier = ClassifierModule.from_pretrained(path).requires_grad_(False)
-        if classifier.hparams.in_channels != 3:
-            raise ValueError(f"the fid_classifier {path} takes {classifier.hparams.in_channels}"
+        classifier = load_classifier(path).requires_grad_(False)
+        if classifier.in_channels != 3:
+            raise ValueError(f"the fid_classifier {path} takes {classifier.in_channels}"
                              "-channel images but the pipeline makes RGB images")
         return UnlearnedFID(classifier=classifier, sampler=sampler,
                             num_steps=self.num_inference_steps)

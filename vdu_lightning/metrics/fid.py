@@ -5,9 +5,10 @@ DDP syncing) with one of two feature extractors that never download anything:
 
 * ``InceptionFeatures``: Inception-v3 (pool3, 2048-d) from a local weights file, the usual
   FID features; needs the ``torch-fidelity`` package.
-* ``ClassifierFeatures``: the penultimate layer of the evaluation ``ClassifierModule``, for
-  machines and data sets without Inception weights. Such values compare only with values
-  from the same classifier.
+* ``ClassifierFeatures``: the penultimate layer of an evaluation classifier
+  (``evaluation.ClassifierNet``: intensity-standardised, so a global haze barely moves it),
+  for machines and data sets without Inception weights. Such values compare only with
+  values from the same classifier.
 
 Both take images in [-1, 1]. FID needs at least 2 samples per side (torchmetrics raises
 otherwise), and the covariance of d-dimensional features has full rank only with more than d
@@ -21,12 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics.image.fid import FrechetInceptionDistance
+from torchmetrics.utilities import rank_zero_warn
 from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
 
-from vdu_lightning.modules.classifier import ClassifierModule
 
 #: The file torch-fidelity downloads for FID (the TF Inception graph converted to PyTorch).
 INCEPTION_WEIGHTS_NAME = "weights-inception-2015-12-05-6726825d.pth"
@@ -50,28 +50,33 @@ class _Frozen(nn.Module):
 
 
 class ClassifierFeatures(_Frozen):
-    """Penultimate-layer features of a ``ClassifierModule``, float32 ``[N, feature_dim]``.
+    """Penultimate-layer features of an evaluation classifier, float32 ``[N, feature_dim]``.
 
-    The classifier is frozen (eval mode, no gradients) and shared, not copied.
+    The classifier (a ``ClassifierNet``, or anything with ``features``, ``feature_dim`` and
+    ``in_channels``, such as the ``ClassifierModule`` that trains one) is frozen (eval mode,
+    no gradients) and shared, not copied.
 
     Example:
-        >>> features = ClassifierFeatures(ClassifierModule(in_channels=1, width=8))
+        >>> from vdu_lightning.evaluation import ClassifierNet
+        >>> features = ClassifierFeatures(ClassifierNet(in_channels=1, width=8))
         >>> features.num_features, features(torch.zeros(3, 1, 8, 8)).shape
         (32, torch.Size([3, 32]))
     """
 
-    def __init__(self, classifier: ClassifierModule) -> None:
+    def __init__(self, classifier: nn.Module) -> None:
         super().__init__()
-        if not isinstance(classifier, ClassifierModule):
-            raise TypeError(f"classifier must be a ClassifierModule, got "
-                            f"{type(classifier).__name__}")
+        missing = [name for name in ("features", "feature_dim", "in_channels")
+                   if not hasattr(classifier, name)]
+        if not isinstance(classifier, nn.Module) or missing:
+            raise TypeError(f"classifier must be a ClassifierNet (an nn.Module with features, "
+                            f"feature_dim and in_channels), got {type(classifier).__name__}")
         self.classifier = classifier.requires_grad_(False).eval()
         self.num_features = classifier.feature_dim
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:
         _check_images(images)
-        channels = self.classifier.hparams.in_channels
+        channels = self.classifier.in_channels
         if images.shape[1] != channels:
             raise ValueError(f"the classifier takes {channels}-channel images, got "
                              f"{images.shape[1]} channels")
@@ -145,7 +150,7 @@ class UnlearnedFID(FrechetInceptionDistance):
     (``reset_real_features=False``): the reference images are fixed, only the samples change.
 
     Args:
-        classifier: use this classifier's penultimate features.
+        classifier: use this classifier's penultimate features (a ``ClassifierNet``).
         inception_weights: use Inception-v3 from this local weights file.
         sampler: the sampler that made the fake images (recorded in ``name``).
         num_steps: its number of steps (recorded in ``name``).
@@ -153,7 +158,8 @@ class UnlearnedFID(FrechetInceptionDistance):
             ``sync_on_compute``, ...), but not ``feature``.
 
     Example:
-        >>> fid = UnlearnedFID(classifier=ClassifierModule(in_channels=1, width=8))
+        >>> from vdu_lightning.evaluation import ClassifierNet
+        >>> fid = UnlearnedFID(classifier=ClassifierNet(in_channels=1, width=8))
         >>> fid.name
         'u_fid/classifier/ddim50'
         >>> fid.update(torch.rand(40, 1, 8, 8) * 2 - 1, real=True)
@@ -164,14 +170,14 @@ class UnlearnedFID(FrechetInceptionDistance):
 
     def __init__(
         self,
-        classifier: ClassifierModule | None = None,
+        classifier: nn.Module | None = None,
         inception_weights: str | os.PathLike | None = None,
         sampler: str = "ddim",
         num_steps: int = 50,
         **kwargs: Any,
     ) -> None:
         if (classifier is None) == (inception_weights is None):
-            raise ValueError("give exactly one feature source: classifier (a ClassifierModule) "
+            raise ValueError("give exactly one feature source: classifier (a ClassifierNet) "
                              "or inception_weights (a local Inception weights file); got "
                              f"classifier={type(classifier).__name__}, "
                              f"inception_weights={inception_weights!r}")

@@ -22,9 +22,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from vdu_lightning.checkpoints import load_diffusion_model
-from vdu_lightning.modules.classifier import ClassifierModule
 from vdu_lightning.modules.compat import check_precision
 from vdu_lightning.diffusion import predict_noise, sample_shape
+from vdu_lightning.evaluation.classifier import ClassifierNet, load_classifier
 from vdu_lightning.losses import check_choice
 from vdu_lightning.modules.noise import NoiseStreams
 from vdu_lightning.one_step import OneStepGeneratorPipeline, one_step_images
@@ -130,16 +130,15 @@ class SFDModule(pl.LightningModule):
     def teacher(self) -> nn.Module:
         return self.__dict__["_teacher"].to(self.device)
 
-    def override_classifier(self) -> ClassifierModule | None:
+    def override_classifier(self) -> ClassifierNet | None:
         """The ``classifier`` override's classifier (frozen, outside the children), loaded on
-        first use: not in ``__init__``, where LightningCLI would hand it this module's
-        hyperparameters (it sets them for any LightningModule built during the
-        instantiation)."""
+        first use, so that a bad directory is named at setup and a module built in Python
+        costs nothing until it trains."""
         path = self.hparams.classifier
         if path is not None and "_classifier" not in self.__dict__:
-            loaded = ClassifierModule.from_pretrained(path).requires_grad_(False)
-            if loaded.hparams.num_classes != self.num_classes:
-                raise ValueError(f"the classifier {path} tells {loaded.hparams.num_classes} "
+            loaded = load_classifier(path).requires_grad_(False)
+            if loaded.num_classes != self.num_classes:
+                raise ValueError(f"the classifier {path} tells {loaded.num_classes} "
                                  f"classes apart; the teacher has {self.num_classes} labels")
             self.__dict__["_classifier"] = loaded
         classifier = self.__dict__.get("_classifier")

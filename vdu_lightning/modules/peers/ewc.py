@@ -11,7 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from vdu_lightning.fisher import diagonal_fisher
 from vdu_lightning.losses import check_choice, stability_penalty
-from vdu_lightning.modules.classifier import ClassifierModule
+from vdu_lightning.evaluation.classifier import load_classifier
 from vdu_lightning.modules.vdu import VDUModule
 from vdu_lightning.prior import ParameterPrior
 
@@ -135,8 +135,7 @@ class EWCModule(VDUModule):
             images = self.sample(hp.replay_samples, seed=2, original=True, labels=labels)
             return {"image": images, "label": labels.to(self.device)}
         images = self.sample(hp.replay_samples, seed=2, original=True)
-        classifier = ClassifierModule.from_pretrained(hp.replay_classifier).to(self.device)
-        predicted = classifier.predict_labels(images)
+        predicted = load_classifier(hp.replay_classifier).predict(images)[0].to(self.device)
         keep = ~torch.isin(predicted, torch.tensor(self.trainer.datamodule.forget_classes,
                                                    device=predicted.device))
         if not keep.any():
@@ -151,7 +150,7 @@ class EWCModule(VDUModule):
         params, means, inv_stds = self._prior_tensors()
         local = stability_penalty(params, means, inv_stds, "sum")
         penalty = self.hparams.ewc_weight * self.sum_over_shards(local)
-        if self.hparams.reduction == "mean":
+        if self.reduction == "mean":
             penalty = penalty / math.prod(self.sample_shape)
         return penalty
 
