@@ -54,6 +54,11 @@ def held_out(image_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     return part.images, part.labels
 
 
+def retained_training_images(forget: int, image_size: int = 16) -> torch.Tensor:
+    train = ImageDataModule(dataset="mnist5k", image_size=image_size).load("train")
+    return train.images[train.labels != forget]
+
+
 def robustness(net: ClassifierNet, images: torch.Tensor, labels: torch.Tensor
                ) -> dict[str, dict[str, float]]:
     clean = net.predict(images)[0]
@@ -65,10 +70,11 @@ def robustness(net: ClassifierNet, images: torch.Tensor, labels: torch.Tensor
     return rows
 
 
-def controls(nets: dict[str, ClassifierNet], images: torch.Tensor, labels: torch.Tensor,
+def controls(nets: dict[str, ClassifierNet], images: torch.Tensor, retained: torch.Tensor,
              forget: int) -> dict[str, Any]:
-    train = ImageDataModule(dataset="mnist5k", image_size=images.shape[-1]).load("train")
-    retained = train.images[train.labels != forget]
+    """The three controls, with ``images`` (real, held out) standing for the original's
+    samples and ``retained`` (real, of the other classes) as u-FID's reference and the
+    perfect forgetter's replacements."""
     paired = PairedEvaluation(nets, [forget], retained, sampler="real", num_steps=1)
     primary = next(iter(nets.values()))
     sets = {
@@ -133,7 +139,8 @@ def main() -> None:
         "robustness": robust,
         "meets_target": {name: min(r["accuracy"] for r in rows.values()) >= TARGET
                          for name, rows in robust.items()},
-        "controls": controls(nets, images, labels, args.forget_class),
+        "controls": controls(nets, images, retained_training_images(args.forget_class),
+                             args.forget_class),
     }
     results["table"] = markdown(results)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -22,11 +22,12 @@ from typing import Any, Callable
 import torch
 from torchvision.utils import save_image
 
-from paired_evaluation import evaluators, retained_training_images
+from paired_evaluation import evaluators
 
-from vdu_lightning import ImageDataModule
+from vdu_lightning import ForgetSetDataModule
 from vdu_lightning.checkpoints import load_diffusion_model
 from vdu_lightning.diffusion import sample_in_batches, sample_shape, seeded_noise
+from vdu_lightning.evaluation.references import retained_reference
 from vdu_lightning.files import atomic_file
 from vdu_lightning.metrics import UnlearnedFID
 from vdu_lightning.one_step import OneStepGeneratorPipeline, one_step_images
@@ -118,8 +119,8 @@ def evaluate_one_step(generator_dir: str, teacher: str, classifier_dirs: list[st
             for z, c in zip(noise.split(256), labels.split(256))])
     reference = teacher_samples(teacher, labels, noise, steps)
     nets = evaluators(classifier_dirs)
-    real = retained_training_images(ImageDataModule(dataset="mnist5k", image_size=shape[-1]),
-                                    forget)
+    real = retained_reference(ForgetSetDataModule(dataset="mnist5k", image_size=shape[-1],
+                                                  forget_classes=forget))
     retained = ~torch.isin(labels, torch.tensor(forget))
     results: dict[str, Any] = {"samples_per_label": num_per_label, "real_images": len(real),
                                "evaluators": list(nets)}

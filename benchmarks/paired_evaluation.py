@@ -1,10 +1,11 @@
 """The benchmarks' evaluation (method.md §4), the same as ``UnlearningEvaluation``'s.
 
-N samples from the same seeded noise by the original and the unlearned model, compared by
-``vdu_lightning.evaluation.PairedEvaluation`` with both evaluators (PUL, u-FID and its ratio,
-histograms, retained drift, their PUL gap; same-seed sample change and intensity drift), and
-the variational bound of the held-out real forget and retain images under both models. The
-original's samples and bound are cached beside the pre-trained model, keyed by its weights.
+N samples from the same seeded noise (seed 0) by the original and the unlearned model,
+compared by ``vdu_lightning.evaluation.PairedEvaluation`` with both evaluators (PUL, u-FID and
+its ratio, histograms, retained drift, their PUL gap; same-seed sample change and intensity
+drift), and the variational bound of the held-out real forget and retain images under both
+models. The original's samples and bound are cached beside the pre-trained model, keyed as
+the callback keys them (``evaluation.cache.original_key``).
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from vdu_lightning.evaluation import (
     load_classifier,
     variational_bound,
 )
-from vdu_lightning.evaluation.cache import OriginalCache, state_digest
+from vdu_lightning.evaluation.cache import OriginalCache, from_entry, original_key, to_entry
 from vdu_lightning.evaluation.likelihood import Likelihood
+from vdu_lightning.evaluation.references import held_out_parts, retained_reference
 
 #: Monte Carlo timesteps per held-out image for the bound (as the callback's default).
 LIKELIHOOD_TIMESTEPS = 8
@@ -35,49 +37,49 @@ def cache_folder(pretrained: str) -> Path:
         ".evaluation")
 
 
-def held_out_images(data: Any) -> dict[str, torch.Tensor]:
-    """The datamodule's held-out forget and retain images (set up by fit)."""
-    return {part: torch.stack([item["image"] for item in getattr(data, f"{part}_eval_set")])
-            for part in ("forget", "retain")}
+def labels_of(module: Any, num: int) -> torch.Tensor | None:
+    """The labels a label-conditional model samples with (sample i: i mod C), as the
+    callback's; None for an unconditional one."""
+    return torch.arange(num) % module.num_classes if module.conditional else None
 
 
-def original_results(module: Any, pretrained: str, held_out: dict[str, torch.Tensor],
-                     num: int, steps: int) -> dict[str, Any]:
-    """The original model's samples (seed 0) and bound, from the cache or computed."""
+def bounds(module: Any, held_out: dict[str, tuple[torch.Tensor, torch.Tensor]],
+           original: bool) -> dict[str, Likelihood]:
+    unet = module.original_unet if original else module.unet
+    return {part: variational_bound(unet, module.scheduler.betas, images,
+                                    labels if module.conditional else None,
+                                    timesteps=LIKELIHOOD_TIMESTEPS)
+            for part, (images, labels) in held_out.items()}
+
+
+def original_results(module: Any, pretrained: str,
+                     held_out: dict[str, tuple[torch.Tensor, torch.Tensor]], num: int,
+                     steps: int) -> tuple[torch.Tensor, dict[str, Likelihood]]:
+    """The original model's samples and bound, from the cache or computed."""
     cache = OriginalCache(cache_folder(pretrained))
-    key = cache.key(model=state_digest(module.original_unet), num_samples=num, steps=steps,
-                    seed=0, timesteps=LIKELIHOOD_TIMESTEPS,
-                    held_out={part: list(images.shape) for part, images in held_out.items()})
+    parts = {f"{part}_{what}": tensor for part, pair in held_out.items()
+             for what, tensor in zip(("images", "labels"), pair)}
+    key = original_key(module.original_unet, module.scheduler.config,
+                       shape=list(module.sample_shape), num_samples=num, seed=0,
+                       num_steps=steps, sampler="ddim", conditional=module.conditional,
+                       likelihood_timesteps=LIKELIHOOD_TIMESTEPS, **parts)
     entry = cache.load(key)
     if entry is None:
         noise = seeded_noise(num, module.sample_shape, seed=0)
-        entry = {"samples": module.sample_from(noise, original=True, num_steps=steps),
-                 "likelihood": {part: vars(bound) for part, bound in
-                                bounds(module, held_out, original=True).items()}}
+        samples = module.sample_from(noise, original=True, num_steps=steps,
+                                     labels=labels_of(module, num))
+        entry = to_entry(samples, bounds(module, held_out, original=True))
         cache.store(key, entry)
-    return {"samples": entry["samples"],
-            "likelihood": {part: Likelihood(**values)
-                           for part, values in entry["likelihood"].items()}}
-
-
-def bounds(module: Any, held_out: dict[str, torch.Tensor], original: bool
-           ) -> dict[str, Likelihood]:
-    unet = module.original_unet if original else module.unet
-    return {part: variational_bound(unet, module.scheduler.betas, images,
-                                    timesteps=LIKELIHOOD_TIMESTEPS)
-            for part, images in held_out.items()}
-
-
-def retained_training_images(data: Any, forget: list[int]) -> torch.Tensor:
-    """The real training images of every class but ``forget``: u-FID's reference."""
-    train = data.load("train")
-    retained = ~torch.isin(train.labels, torch.tensor(forget))
-    return torch.stack([train[i]["image"] for i in torch.nonzero(retained).flatten().tolist()])
+    return from_entry(entry)
 
 
 def evaluators(classifier_dirs: list[str]) -> dict[str, Any]:
-    """Name (the directory's) → ``ClassifierNet``; the first is the primary evaluator."""
-    return {Path(path).name: load_classifier(path) for path in classifier_dirs}
+    """Name (the directory's, or its whole path where two share one) → ``ClassifierNet``; the
+    first is the primary evaluator."""
+    names = [Path(path).name for path in classifier_dirs]
+    if len(set(names)) < len(names):
+        names = [str(path) for path in classifier_dirs]
+    return {name: load_classifier(path) for name, path in zip(names, classifier_dirs)}
 
 
 def flat_scores(paired: dict[str, Any], likelihood: dict[str, Any] | None) -> dict[str, Any]:
@@ -86,10 +88,8 @@ def flat_scores(paired: dict[str, Any], likelihood: dict[str, Any] | None) -> di
     names = list(paired["evaluators"])
     primary = paired["evaluators"][names[0]]
     scores = {key: primary[key] for key in ("pul", "u_fid", "u_fid_original", "u_fid_ratio",
-                                            "retained_drift")}
-    scores["u_fid_name"] = primary["u_fid_name"]
-    scores["histogram_original"] = primary["histogram_original"]
-    scores["histogram_unlearned"] = primary["histogram_unlearned"]
+                                            "retained_drift", "u_fid_name",
+                                            "histogram_original", "histogram_unlearned")}
     if len(names) > 1:
         second = paired["evaluators"][names[1]]
         scores.update(second_pul=second["pul"], second_u_fid_ratio=second["u_fid_ratio"],
@@ -103,6 +103,7 @@ def flat_scores(paired: dict[str, Any], likelihood: dict[str, Any] | None) -> di
     if likelihood is not None:
         scores.update(bpd_forget_increase=likelihood["forget"]["bits_per_dim_increase"],
                       bpd_retain_increase=likelihood["retain"]["bits_per_dim_increase"],
+                      bpd_forget_minus_retain=likelihood["forget_minus_retain"],
                       bpd_selectivity=likelihood["selectivity"])
     return scores
 
@@ -110,14 +111,14 @@ def flat_scores(paired: dict[str, Any], likelihood: dict[str, Any] | None) -> di
 def evaluate(module: Any, data: Any, pretrained: str, classifier_dirs: list[str], num: int,
              steps: int) -> dict[str, Any]:
     """Every measure of the unlearned ``module`` against its original (see the module)."""
-    held_out = held_out_images(data)
-    original = original_results(module, pretrained, held_out, num, steps)
+    held_out = held_out_parts(data)
+    original, original_bounds = original_results(module, pretrained, held_out, num, steps)
     noise = seeded_noise(num, module.sample_shape, seed=0)
-    unlearned = module.sample_from(noise, original=False, num_steps=steps)
-    forget = list(data.forget_classes)
-    paired = PairedEvaluation(evaluators(classifier_dirs), forget,
-                              retained_training_images(data, forget), num_steps=steps
-                              ).compare(original["samples"], unlearned)
-    likelihood = likelihood_change(original["likelihood"], bounds(module, held_out, False))
+    unlearned = module.sample_from(noise, original=False, num_steps=steps,
+                                   labels=labels_of(module, num))
+    reference = retained_reference(data, "train")
+    paired = PairedEvaluation(evaluators(classifier_dirs), data.forget_classes, reference,
+                              num_steps=steps).compare(original, unlearned)
+    likelihood = likelihood_change(original_bounds, bounds(module, held_out, original=False))
     return {**flat_scores(paired, likelihood), "paired": paired, "likelihood": likelihood,
             "real_images": paired["num_reference"]}

@@ -163,6 +163,7 @@ def launch(args: argparse.Namespace, method: str, seed: int) -> dict[str, Any]:
 
 STATISTICS = ("pul", "second_pul", "u_fid", "u_fid_ratio", "second_u_fid_ratio",
               "retained_drift", "bpd_forget_increase", "bpd_retain_increase",
+              "bpd_forget_minus_retain",
               "change_forgotten", "change_retained", "change_ratio", "background_shift",
               "train_seconds", "prepare_seconds", "peak_memory_mb")
 
@@ -201,13 +202,14 @@ def markdown(rows: list[dict[str, Any]], original_fid: float) -> str:
                 ("second_u_fid_ratio", ".2f"), ("retained_drift", ".2f"))) + " |")
     lines.append(f"\nOriginal model's u-FID: {original_fid:.2f}.\n")
     lines += ["| method | bits/dim increase, held-out forget | bits/dim increase, held-out "
-              "retain | sample change, forgotten seeds | sample change, other seeds | "
-              "change ratio | background shift | train s | before the first step s | "
-              "peak MB |", "|---" * 10 + "|"]
+              "retain | forget − retain | sample change, forgotten seeds | sample change, "
+              "other seeds | change ratio | background shift | train s | before the first "
+              "step s | peak MB |", "|---" * 11 + "|"]
     for r in rows:
         lines.append(f"| {r['method']} | " + " | ".join(
             _cell(r, key, spec) for key, spec in (
                 ("bpd_forget_increase", ".3f"), ("bpd_retain_increase", ".3f"),
+                ("bpd_forget_minus_retain", ".3f"),
                 ("change_forgotten", ".3f"), ("change_retained", ".3f"),
                 ("change_ratio", ".2f"), ("background_shift", "+.3f"),
                 ("train_seconds", ".1f"), ("prepare_seconds", ".1f"))) +

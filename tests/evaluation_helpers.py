@@ -28,13 +28,17 @@ class TinyUnlearner(pl.LightningModule):
     """Two real tiny DiffusionModules behind ``sample_shape``, ``sample_from``, ``unet``,
     ``original_unet`` and ``scheduler``, as VDUModule.
 
-    ``same=True`` makes the unlearned model a copy of the original.
+    ``same=True`` makes the unlearned model a copy of the original; ``num_classes`` makes both
+    label-conditional (``conditional`` and the labels ``sample_from`` got are then recorded).
     """
 
-    def __init__(self, same: bool = False) -> None:
+    def __init__(self, same: bool = False, num_classes: int | None = None) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.original = DiffusionModule(unet=dict(TINY_UNET), num_train_timesteps=100)
+        self.num_classes = num_classes
+        self.labels_seen: list[torch.Tensor] = []
+        self.original = DiffusionModule(unet=dict(TINY_UNET), num_train_timesteps=100,
+                                        num_classes=num_classes)
         perturb(self.original.ema_unet, seed=1)
         self.unlearned = copy.deepcopy(self.original)
         if not same:
@@ -58,13 +62,21 @@ class TinyUnlearner(pl.LightningModule):
     def scheduler(self) -> object:
         return self.original.scheduler
 
+    @property
+    def conditional(self) -> bool:
+        return self.num_classes is not None
+
     @torch.no_grad()
     def sample_from(self, noise: torch.Tensor, original: bool = False,
-                    num_steps: int | None = None) -> torch.Tensor:
+                    num_steps: int | None = None, labels: torch.Tensor | None = None
+                    ) -> torch.Tensor:
         self.calls["original" if original else "unlearned"] += 1
+        if labels is not None:
+            self.labels_seen.append(labels.clone())
         model = self.original if original else self.unlearned
         return ddim_sample(model.ema_unet.eval(), model.scheduler.config,
-                           noise.to(self.device), num_steps=num_steps or 50)
+                           noise.to(self.device), num_steps=num_steps or 50,
+                           class_labels=None if labels is None else labels.to(self.device))
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         return self.weight * batch["image"].mean()

@@ -257,7 +257,7 @@ class Demo:
         return report
 
 
-def _number(value: float | None, spec: str = ".2f") -> str:
+def _shown(value: float | None, spec: str = ".2f") -> str:
     return "—" if value is None or value != value else format(value, spec)
 
 
@@ -265,11 +265,11 @@ def _evaluator_rows(evaluation: dict[str, Any]) -> str:
     rows = []
     for name, scores in evaluation["paired"]["evaluators"].items():
         path = evaluation[name]
-        rows.append(f"| `{path}` | {_number(scores['pul'], '.1f')}% | "
+        rows.append(f"| `{path}` | {_shown(scores['pul'], '.1f')}% | "
                     f"{scores['forget_fraction_original']:.1%} → "
                     f"{scores['forget_fraction_unlearned']:.1%} | "
                     f"{scores['u_fid_original']:.2f} → {scores['u_fid']:.2f} | "
-                    f"{_number(scores['u_fid_ratio'])} | {scores['retained_drift']:.2f} |")
+                    f"{_shown(scores['u_fid_ratio'])} | {scores['retained_drift']:.2f} |")
     return "\n".join(rows)
 
 
@@ -284,15 +284,18 @@ def _classifier_free(evaluation: dict[str, Any], forget: int) -> str:
             lines.append(f"| bound of {what} ({values['images']} images), bits/dim, original → "
                          f"unlearned | {values['bits_per_dim_original']:.3f} → "
                          f"{values['bits_per_dim_unlearned']:.3f} "
-                         f"(+{values['bits_per_dim_increase']:.3f}) |")
-        lines.append(f"| selectivity: forget increase / retain increase | "
-                     f"{_number(likelihood['selectivity'])} |")
+                         f"({values['bits_per_dim_increase']:+.3f} ± "
+                         f"{_shown(values['bits_per_dim_increase_se'], '.3f')}) |")
+        lines.append(f"| forget increase − retain increase (bits/dim) | "
+                     f"{_shown(likelihood['forget_minus_retain'], '+.3f')} |")
+        lines.append(f"| selectivity: forget increase / retain increase (— when the retain "
+                     f"increase is within noise) | {_shown(likelihood['selectivity'])} |")
     lines += [
         f"| same-seed pixel change, seeds whose original is a {forget} "
-        f"({change['forgotten_seeds']}) | {_number(change['forgotten'], '.3f')} |",
+        f"({change['forgotten_seeds']}) | {_shown(change['forgotten'], '.3f')} |",
         f"| same-seed pixel change, the other seeds ({change['retained_seeds']}) | "
-        f"{_number(change['retained'], '.3f')} |",
-        f"| ratio of the two (selective: well above 1) | {_number(change['ratio'])} |",
+        f"{_shown(change['retained'], '.3f')} |",
+        f"| ratio of the two (selective: well above 1) | {_shown(change['ratio'])} |",
         f"| mean intensity of the samples, original → unlearned | "
         f"{light['mean_original']:.3f} → {light['mean_unlearned']:.3f} |",
         f"| background ({light['border_pixels']}-pixel border), original → unlearned | "
@@ -315,12 +318,16 @@ def render_report(report: dict[str, Any], summaries: list[str]) -> str:
                      enumerate(zip(hist["original"], hist["unlearned"])))
     pul = (f"{metrics['pul']:.1f}%" if metrics["pul"] == metrics["pul"] else
            f"undefined: the original model generated no digit {forget}")
-    gap = evaluation["paired"]["pul_disagreement"]
-    agreement = (f"**The two evaluators disagree by {gap:.1f} points of PUL (more than "
-                 f"{evaluation['paired']['disagreement_threshold']:g}): do not trust "
-                 "either number before looking at the grid.**"
-                 if evaluation["paired"]["evaluators_disagree"] else
-                 f"The two evaluators agree within {_number(gap, '.1f')} points of PUL.")
+    paired = evaluation["paired"]
+    gap, disagree = paired["pul_disagreement"], paired["evaluators_disagree"]
+    agreement = {
+        True: f"**The two evaluators disagree by {_shown(gap, '.1f')} points of PUL (more "
+              f"than {paired['disagreement_threshold']:g}): do not trust either number before "
+              "looking at the grid.**",
+        False: f"The two evaluators agree within {_shown(gap, '.1f')} points of PUL.",
+        None: "Their agreement is undefined: one evaluator found no digit "
+              f"{forget} among the original's samples.",
+    }[disagree]
     return f"""# VDU demo: forgetting digit {forget} of mnist5k
 
 What was done (budget `{budget['name']}`, seed {report['seed']}):

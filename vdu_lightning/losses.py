@@ -56,36 +56,49 @@ def stability_penalty(
     return total
 
 
+def posterior_variance(betas: torch.Tensor) -> torch.Tensor:
+    """β̃_t = β_t (1 − ᾱ_{t−1}) / (1 − ᾱ_t) for t = 0..T−1 (float64), with β̃ of the second step
+    at the first, where β̃ is 0 (Ho et al.'s clipped log-variance)."""
+    betas = betas.to(torch.float64)
+    alpha_bars = torch.cumprod(1.0 - betas, dim=0)
+    alpha_bars_prev = torch.cat([alpha_bars.new_ones(1), alpha_bars[:-1]])
+    variance = betas * (1.0 - alpha_bars_prev) / (1.0 - alpha_bars)
+    variance[0] = variance[1]
+    return variance
+
+
+def elbo_weights(betas: torch.Tensor, variance_type: str = "fixed_small") -> torch.Tensor:
+    """β_t² / (2 σ_t² α_t (1 − ᾱ_t)) for t = 0..T−1 (float64, not normalised): the weight of
+    ‖ε − ε_θ(x_t, t)‖² in the DDPM ELBO's term at t, with σ_t² the sampler's variance, the
+    posterior variance β̃_t for ``fixed_small`` and β_t for ``fixed_large``."""
+    betas = betas.to(torch.float64)
+    alphas = 1.0 - betas
+    alpha_bars = torch.cumprod(alphas, dim=0)
+    if variance_type.startswith("fixed_small"):
+        sigma2 = posterior_variance(betas)
+    elif variance_type.startswith("fixed_large"):
+        sigma2 = betas.clone()
+    else:
+        raise ValueError(f"elbo weighting needs a fixed sampler variance (fixed_small or "
+                         f"fixed_large), but the scheduler's variance_type is {variance_type!r}")
+    return betas.square() / (2.0 * sigma2 * alphas * (1.0 - alpha_bars))
+
+
 def timestep_weights(betas: torch.Tensor, weighting: str, variance_type: str = "fixed_small"
                      ) -> torch.Tensor:
     """C_t for t = 0..T−1, normalised so that their mean is 1.
 
-    ``simple``: C_t = 1. ``elbo``: C_t = β_t² / (2 σ_t² α_t (1 − ᾱ_t)), the weight of the
-    DDPM ELBO's term at t for ε-prediction, with σ_t² the sampler's variance: the posterior
-    variance β̃_t = β_t (1 − ᾱ_{t−1}) / (1 − ᾱ_t) for ``fixed_small`` (at the first step, where
-    β̃ is 0, β̃ of the second step, as in Ho et al.'s clipped log-variance), β_t for
-    ``fixed_large``.
+    ``simple``: C_t = 1. ``elbo``: ``elbo_weights`` (the DDPM ELBO's weights for
+    ε-prediction with the sampler's variance ``variance_type``).
 
     Example:
         >>> timestep_weights(torch.tensor([0.1, 0.2]), "simple").tolist()
         [1.0, 1.0]
     """
     check_choice("timestep_weighting", weighting, TIMESTEP_WEIGHTINGS)
-    betas = betas.to(torch.float64)
     if weighting == "simple":
         return torch.ones_like(betas, dtype=torch.float32)
-    alphas = 1.0 - betas
-    alpha_bars = torch.cumprod(alphas, dim=0)
-    if variance_type.startswith("fixed_small"):
-        alpha_bars_prev = torch.cat([alpha_bars.new_ones(1), alpha_bars[:-1]])
-        sigma2 = betas * (1.0 - alpha_bars_prev) / (1.0 - alpha_bars)
-        sigma2[0] = sigma2[1]
-    elif variance_type.startswith("fixed_large"):
-        sigma2 = betas.clone()
-    else:
-        raise ValueError(f"elbo weighting needs a fixed sampler variance (fixed_small or "
-                         f"fixed_large), but the scheduler's variance_type is {variance_type!r}")
-    weights = betas.square() / (2.0 * sigma2 * alphas * (1.0 - alpha_bars))
+    weights = elbo_weights(betas, variance_type)
     return (weights / weights.mean()).to(torch.float32)
 
 

@@ -49,7 +49,7 @@ def test_tiny_pretrain_fits_exports_and_logs_samples(tmp_path: Path) -> None:
 def test_tiny_classifier_fits_and_exports(tmp_path: Path) -> None:
     main(["fit", "--config", str(CONFIGS / "tests" / "tiny_classifier.yaml")])
     clf = ClassifierModule.from_pretrained(tmp_path / "runs/tests/tiny_classifier")
-    assert clf.predict_labels(torch.zeros(3, 1, 8, 8)).shape == (3,)
+    assert clf.net.predict(torch.zeros(3, 1, 8, 8))[0].shape == (3,)
 
 
 def test_command_line_overrides_win(tmp_path: Path) -> None:

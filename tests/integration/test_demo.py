@@ -13,12 +13,22 @@ from diffusers import DDIMPipeline
 from PIL import Image
 
 from conftest import CONFIGS
+from vdu_lightning import VDUModule
 from vdu_lightning.cli import main
 from vdu_lightning.demo import EVALUATORS, FULL
 
 
 def test_the_quick_demo_writes_the_report_and_a_second_run_reuses_the_cache(
-        tmp_path: Path, capsys) -> None:
+        tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    original_draws = []
+    sample_from = VDUModule.sample_from
+
+    def counting(self: VDUModule, noise: torch.Tensor, original: bool = False,
+                 **kwargs: object) -> torch.Tensor:
+        original_draws.append(original)
+        return sample_from(self, noise, original=original, **kwargs)
+
+    monkeypatch.setattr(VDUModule, "sample_from", counting)
     out, cache = tmp_path / "out", tmp_path / "cache"
     main(["demo", "--quick", "--output", str(out), "--cache-dir", str(cache),
           "--forget-class", "3", "--accelerator", "cpu"])
@@ -70,12 +80,15 @@ def test_the_quick_demo_writes_the_report_and_a_second_run_reuses_the_cache(
                       generator=torch.Generator().manual_seed(0)).images
     assert images.shape == (2, 8, 8, 1)
 
+    assert True in original_draws
+    original_draws.clear()
     main(["demo", "--quick", "--output", str(out), "--cache-dir", str(cache),
           "--forget-class", "3", "--accelerator", "cpu"])
     second = capsys.readouterr().out
+    assert original_draws and True not in original_draws  # only the unlearned model sampled
     assert "[1/4] pre-train the DDPM and collect the prior: cached in" in second
     assert "[2/4] train the evaluation classifiers: cached in" in second
-    # The original model's samples were cached too: the same report, the same numbers.
+    # The original model's samples came from the cache: the same report, the same numbers.
     assert list((cache / "evaluation").glob("original-*.pt"))
     again = json.loads((out / "metrics.json").read_text())["evaluation"]["metrics"]
     assert again == pytest.approx(metrics, nan_ok=True)

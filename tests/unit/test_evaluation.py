@@ -12,7 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
-from evaluation_helpers import RecordingWandbLogger, TinyUnlearner, one_thread, tiny_classifier
+from evaluation_helpers import (
+    RecordingWandbLogger,
+    TinyUnlearner,
+    one_thread,
+    perturb,
+    tiny_classifier,
+)
 from vdu_lightning import ClassifierModule, ForgetSetDataModule
 from vdu_lightning.callbacks.evaluation import UnlearningEvaluation
 from vdu_lightning.diffusion import seeded_noise
@@ -216,3 +222,48 @@ def test_user_errors_are_raised_before_any_sampling(tmp_path: Path, direct: dict
                  ).validate(NoSampler(), datamodule=data)
     with pytest.raises(ValueError, match="num_samples must be an int >= 2, got 1"):
         UnlearningEvaluation(classifier="c", num_samples=1)
+
+
+@pytest.mark.filterwarnings("ignore:.*rank-deficient covariance")
+def test_the_cache_dir_spares_the_original_and_never_serves_another_setting(
+        tmp_path: Path, direct: dict) -> None:
+    data = _datamodule(direct["forget"])
+    settings = dict(SETTINGS, num_samples=12, grid_images=0, cache_dir="cache")
+
+    def run(**changes: object) -> tuple[TinyUnlearner, dict]:
+        module = TinyUnlearner()
+        callback = UnlearningEvaluation(classifier=str(direct["classifier"]),
+                                        **dict(settings, **changes))
+        _trainer(callbacks=[callback]).validate(module, datamodule=data)
+        return module, callback.results
+
+    first, results = run()
+    assert first.calls["original"] > 0 and len(list((tmp_path / "cache").glob("*.pt"))) == 1
+    again, cached = run()
+    assert again.calls["original"] == 0 and again.calls["unlearned"] > 0
+    assert cached["metrics"] == pytest.approx(results["metrics"], nan_ok=True)
+    for change in ({"seed": 6}, {"num_steps": 3}, {"likelihood_timesteps": 2}):
+        other, _ = run(**change)
+        assert other.calls["original"] > 0, change
+    # Another original network (same settings) is never served the cached samples.
+    changed = TinyUnlearner()
+    perturb(changed.original.ema_unet, seed=9, scale=1e-4)
+    _trainer(callbacks=[UnlearningEvaluation(classifier=str(direct["classifier"]),
+                                             **settings)]).validate(changed, datamodule=data)
+    assert changed.calls["original"] > 0
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 5
+
+
+def test_a_conditional_model_draws_sample_i_with_label_i_mod_c(direct: dict) -> None:
+    data = _datamodule(direct["forget"])
+    samples = []
+    for batch_size in (16, 7):
+        module = TinyUnlearner(num_classes=10)
+        callback = UnlearningEvaluation(classifier=str(direct["classifier"]),
+                                        **dict(SETTINGS, batch_size=batch_size, grid_images=0))
+        _trainer(callbacks=[callback]).validate(module, datamodule=data)
+        seen = torch.cat(module.labels_seen[:len(module.labels_seen) // 2])
+        assert seen.tolist() == (torch.arange(SETTINGS["num_samples"]) % 10).tolist()
+        samples.append(callback.results["metrics"])
+        assert callback.results["likelihood"] is not None
+    assert samples[0] == pytest.approx(samples[1], rel=1e-4, nan_ok=True)

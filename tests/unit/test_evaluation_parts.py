@@ -28,9 +28,12 @@ from vdu_lightning.evaluation import (
 )
 from vdu_lightning.evaluation.cache import OriginalCache, state_digest
 from vdu_lightning.evaluation.likelihood import (
-    _Schedule,
+    Likelihood,
     discretised_gaussian_log_likelihood,
+    image_generator,
+    likelihood_change,
     quantise,
+    stratified_timesteps,
 )
 from vdu_lightning.evaluation.paired import intensity, retained_drift, sample_change
 from vdu_lightning.evaluation.photometric import (
@@ -153,40 +156,49 @@ def test_the_augmentation_is_seeded_varied_and_in_range() -> None:
     torch.testing.assert_close(first, again)
     assert not torch.allclose(first, other)
     assert first.shape == images.shape and first.min() >= -1 and first.max() <= 1
-    # Every kind of change occurs: some images are blurred (fewer extreme pixels) or noisy.
     assert (first != images).flatten(1).any(1).all()
+    # Noise and blur each reach about half the images: without a shift or a contrast change
+    # (max_shift 0, and a flat image is blind to contrast), a flat grey image stays flat
+    # unless noise hits it.
+    flat = torch.zeros(400, 1, 8, 8)
+    noisy = augment(flat, max_shift=0, generator=torch.Generator().manual_seed(3))
+    share_noisy = float((noisy.flatten(1).std(1) > 1e-3).float().mean())
+    assert 0.35 < share_noisy < 0.65
+    bar = -torch.ones(400, 1, 8, 8)
+    bar[:, :, :, 4] = 1.0
+    smooth = augment(bar, max_shift=0, generator=torch.Generator().manual_seed(4))
+    blurred = (smooth[:, :, 4, 3] > smooth[:, :, 4, 2] + 0.3).flatten()  # the bar bled left
+    assert 0.35 < float(blurred.float().mean()) < 0.65
 
 
 # ---- the variational bound ------------------------------------------------------------------
 def _reference_bound(unet: torch.nn.Module, betas: torch.Tensor, x0: torch.Tensor,
                      draws: int, seed: int) -> torch.Tensor:
     """A direct transcription of the bound, image by image and t by t, with the draws of
-    ``variational_bound`` (same generator, same order)."""
+    ``variational_bound`` (image i's generator, t first, then ε)."""
     schedule = _Schedule(betas)
-    generator = torch.Generator().manual_seed(seed)
-    steps, count = len(betas), len(x0)
+    steps = len(betas)
     x0 = quantise(x0.double())
-    edges = torch.linspace(1, steps, draws + 1, dtype=torch.float64)
-    u = torch.rand(count, draws, generator=generator, dtype=torch.float64)
-    t_draws = (edges[:-1] + u * (edges[1:] - edges[:-1])).floor().long().clamp(1, steps - 1)
-    noise = torch.randn((count, draws + 1, *x0.shape[1:]), generator=generator,
-                        dtype=torch.float64)
     results = []
-    for i in range(count):
+    for i in range(len(x0)):
+        generator = image_generator(seed, i)
+        t_draws = stratified_timesteps(draws, steps, generator)
+        noise = torch.randn((draws + 1, *x0.shape[1:]), generator=generator,
+                            dtype=torch.float64)
         a_bar_T = schedule.alpha_bars[-1]
         prior = 0.5 * (a_bar_T * x0[i] ** 2 + (1 - a_bar_T) - 1 - math.log(1 - a_bar_T)).sum()
         terms = []
         for k in range(draws):
-            t = int(t_draws[i, k])
+            t = int(t_draws[k])
             a_bar, beta, alpha = schedule.alpha_bars[t], schedule.betas[t], schedule.alphas[t]
-            x_t = a_bar.sqrt() * x0[i] + (1 - a_bar).sqrt() * noise[i, k]
+            x_t = a_bar.sqrt() * x0[i] + (1 - a_bar).sqrt() * noise[k]
             eps = unet(x_t[None].float(), torch.tensor([t])).sample[0].double()
             sigma2 = beta * (1 - schedule.alpha_bars[t - 1]) / (1 - a_bar)
             terms.append(beta ** 2 / (2 * sigma2 * alpha * (1 - a_bar))
-                         * (noise[i, k] - eps).square().sum())
+                         * (noise[k] - eps).square().sum())
         middle = torch.stack(terms).mean() * (steps - 1)
         a_bar, beta = schedule.alpha_bars[0], schedule.betas[0]
-        x1 = a_bar.sqrt() * x0[i] + (1 - a_bar).sqrt() * noise[i, draws]
+        x1 = a_bar.sqrt() * x0[i] + (1 - a_bar).sqrt() * noise[draws]
         eps = unet(x1[None].float(), torch.tensor([0])).sample[0].double()
         mean = (x1 - beta / (1 - a_bar).sqrt() * eps) / schedule.alphas[0].sqrt()
         variance = schedule.betas[1] * (1 - schedule.alpha_bars[0]) / (1 - schedule.alpha_bars[1])
@@ -196,14 +208,37 @@ def _reference_bound(unet: torch.nn.Module, betas: torch.Tensor, x0: torch.Tenso
     return torch.stack(results)
 
 
-def test_the_bound_equals_a_direct_transcription() -> None:
+class _Schedule:
+    """The schedule's quantities, computed here independently of the code under test."""
+
+    def __init__(self, betas: torch.Tensor) -> None:
+        self.betas = betas.double()
+        self.alphas = 1 - self.betas
+        self.alpha_bars = torch.cumprod(self.alphas, 0)
+        previous = torch.cat([torch.ones(1, dtype=torch.float64), self.alpha_bars[:-1]])
+        posterior = self.betas * (1 - previous) / (1 - self.alpha_bars)
+        self.posterior_variance = torch.cat([posterior[1:2], posterior[1:]])
+
+
+def test_every_timestep_is_drawn_once_when_there_are_as_many_strata() -> None:
+    draws = stratified_timesteps(49, 50, torch.Generator().manual_seed(0))
+    assert draws.tolist() == list(range(1, 50))
+    # Four draws of 1..999: one in each quarter [1, 250.75), [250.75, 500.5), ... (floored).
+    few = stratified_timesteps(4, 1000, torch.Generator().manual_seed(0)).tolist()
+    edges = [1, 250.75, 500.5, 750.25, 1000]
+    assert all(int(lo) <= t <= int(hi) for t, lo, hi in zip(few, edges, edges[1:]))
+    assert len(set(few)) == 4
+
+
+@pytest.mark.parametrize("draws", [5, 49])  # 49: every t of the 50-step schedule once
+def test_the_bound_equals_a_direct_transcription(draws: int) -> None:
     torch.manual_seed(0)
     unet = UNet2DModel(**TINY_UNET).eval()
     betas = torch.linspace(1e-4, 0.02, 50)
     images = load_digits(8).images[:3]
-    result = variational_bound(unet, betas, images, timesteps=5, seed=3, batch_size=4)
+    result = variational_bound(unet, betas, images, timesteps=draws, seed=3, batch_size=13)
     with torch.no_grad():
-        expected = _reference_bound(unet, betas, images, draws=5, seed=3)
+        expected = _reference_bound(unet, betas, images, draws=draws, seed=3)
     torch.testing.assert_close(result.bits_per_dim, expected.double(), rtol=1e-4, atol=1e-4)
 
 
@@ -323,6 +358,37 @@ def test_two_evaluators_are_compared_and_a_disagreement_is_flagged() -> None:
     assert result["evaluators"]["a"]["u_fid_name"] == "u_fid/classifier/ddim50"
 
 
+def test_an_undefined_pul_leaves_the_agreement_undefined() -> None:
+    net = _trained_net()
+    digits = _digits(300)
+    original = digits[net.predict(digits)[0] != 3][:150]  # no original sample a reads as 3
+    other = _permuted(net, [(c + 1) % 10 for c in range(10)])  # b reads 3 where a reads 4
+    result = PairedEvaluation({"a": net, "b": other}, [3], _digits(400)[300:]).compare(
+        original, original.flip(0))
+    assert math.isfinite(result["evaluators"]["b"]["pul"])
+    assert math.isnan(result["evaluators"]["a"]["pul"])
+    assert result["pul_disagreement"] is None and result["evaluators_disagree"] is None
+
+
+def test_the_likelihood_change_gives_a_ratio_only_above_the_noise() -> None:
+    def bounds(values: list[float]) -> Likelihood:
+        tensor = torch.tensor(values, dtype=torch.float64)
+        return Likelihood(bits_per_dim=tensor, denoising_error=tensor / 10)
+
+    before = {"forget": bounds([1.0, 1.0, 1.0]), "retain": bounds([1.0, 1.0, 1.0, 1.0])}
+    clear = {"forget": bounds([3.0, 3.2, 2.8]), "retain": bounds([1.5, 1.45, 1.55, 1.5])}
+    result = likelihood_change(before, clear)
+    assert result["forget"]["bits_per_dim_increase"] == pytest.approx(2.0)
+    assert result["retain"]["bits_per_dim_increase"] == pytest.approx(0.5)
+    assert result["forget_minus_retain"] == pytest.approx(1.5)
+    assert result["selectivity"] == pytest.approx(4.0)
+    assert result["retain"]["denoising_error_increase"] == pytest.approx(0.05)
+    noisy = {"forget": bounds([3.0, 3.2, 2.8]), "retain": bounds([1.5, 0.4, 1.6, 0.6])}
+    result = likelihood_change(before, noisy)
+    assert result["selectivity"] is None and result["forget_minus_retain"] == pytest.approx(
+        2.0 - 0.025)
+
+
 def test_the_controls_build_what_they_promise() -> None:
     samples = _digits(20)
     torch.testing.assert_close(haze_control(samples, 0.05)[samples < 0.9],
@@ -340,24 +406,34 @@ def test_the_controls_build_what_they_promise() -> None:
 
 # ---- the grid -------------------------------------------------------------------------------
 def test_the_grid_is_upscaled_captioned_and_frames_the_forgotten_seeds() -> None:
-    original = -torch.ones(4, 1, 16, 16)
-    original[:, :, 4:12, 7:9] = 1.0  # a bar: white in the tile's middle
-    unlearned = original.clone()
+    import numpy as np
+
+    generator = torch.Generator().manual_seed(0)
+    original = torch.rand(4, 1, 16, 16, generator=generator) * 2 - 1
+    unlearned = -original
     reading = (torch.tensor([1, 0, 1, 2]), torch.tensor([0.9, 0.8, 0.7, 0.6]))
-    picture = before_after_grid(original, unlearned, reading, reading, [1], tile=64,
-                                columns=2)
-    pixels = torch.from_numpy(__import__("numpy").array(picture))
-    red = (pixels[..., 0] > 200) & (pixels[..., 1] < 60) & (pixels[..., 2] < 60)
-    # Seeds 0 and 2 are framed in both panels: four frames of 64 + 2·2 pixels.
-    rows, cols = torch.nonzero(red, as_tuple=True)
-    assert len(rows) > 0
-    frame = 64 + 2 * max(2, 64 // 24)
-    assert int((red.sum(0) > 0).sum()) == 2 * frame  # one column of frames in each panel
-    assert int((red.sum(1) > 0).sum()) == 2 * frame  # two rows of tiles, both framed
-    # A tile is the sample enlarged four times without smoothing: the white bar is 32 × 8.
-    white = (pixels[..., 0] == 255) & (pixels[..., 1] == 255) & (pixels[..., 2] == 255)
-    assert picture.width > 2 * 2 * 64 and picture.height > 2 * 64
-    assert int(white.sum()) >= 8 * 32 * 8  # eight tiles' bars (the background is white too)
+    tile, frame = 64, max(2, 64 // 24)
+    picture = np.array(before_after_grid(original, unlearned, reading, reading, [1],
+                                         tile=tile, columns=2))
+    red = (picture[..., 0] > 200) & (picture[..., 1] < 60) & (picture[..., 2] < 60)
+    # Seeds 0 and 2 (left column) are framed in both panels: two columns of frames of
+    # 64 + 2·frame pixels, one per panel, spanning two rows of tiles.
+    columns = np.nonzero(red.any(0))[0]
+    assert len(columns) == 2 * (tile + 2 * frame)
+    assert red.any(1).sum() == 2 * (tile + 2 * frame)
+    # Each tile is its sample enlarged 4× without smoothing, inside the frame: find the first
+    # framed tile of each panel and compare it with np.repeat of the sample.
+    panels = np.split(columns, np.nonzero(np.diff(columns) > 1)[0] + 1)
+    top = np.nonzero(red.any(1))[0][0]
+    for panel, images in zip(panels, (original, unlearned)):
+        x, y = panel[0] + frame, top + frame
+        expected = ((images[0, 0] + 1) * 127.5).round().byte().numpy()
+        expected = np.repeat(np.repeat(expected, 4, 0), 4, 1)
+        np.testing.assert_array_equal(picture[y:y + tile, x:x + tile, 0], expected)
+    # Captions under the tiles: dark text pixels below the first framed tile.
+    below = picture[top + tile + 2 * frame + 1: top + tile + 2 * frame + 14,
+                    panels[0][0]: panels[0][0] + tile]
+    assert (below.mean(2) < 100).sum() > 10
 
 
 # ---- the cache ------------------------------------------------------------------------------

@@ -35,7 +35,14 @@ from vdu_lightning.evaluation import (
     load_classifier,
     variational_bound,
 )
-from vdu_lightning.evaluation.cache import OriginalCache, state_digest, tensor_digest
+from vdu_lightning.evaluation.cache import (
+    OriginalCache,
+    from_entry,
+    original_key,
+    state_digest,
+    to_entry,
+)
+from vdu_lightning.evaluation.references import held_out_parts, retained_reference
 from vdu_lightning.files import atomic_file, atomic_write_text
 from vdu_lightning.metrics import UnlearnedFID
 from vdu_lightning.modules.compat import refuse_sharded_weights
@@ -50,9 +57,16 @@ def _positive(name: str, value: Any, least: int = 1) -> None:
         raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
 
 
-def _number(value: float) -> float | None:
-    """JSON has no NaN or infinity: those become null."""
-    return value if math.isfinite(value) else None
+def json_plain(value: Any) -> Any:
+    """``value`` with every NaN or infinity, however deeply nested, made null: JSON has
+    neither, and strict readers refuse the files that hold them."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: json_plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_plain(item) for item in value]
+    return value
 
 
 def save_histogram(path: str | os.PathLike, original: list[int], unlearned: list[int],
@@ -94,10 +108,9 @@ class EvaluationCallback(pl.Callback):
 
     def write_results(self, out: Path, step: int) -> dict[str, Any]:
         """``self.results`` as ``<out>/evaluation_step_<step>.json`` (numbers made plain)."""
-        results = dict(self.results, metrics={k: _number(v) for k, v in
-                                              self.results["metrics"].items()})
+        results = json_plain(self.results)
         atomic_write_text(out / f"evaluation_step_{step:07d}.json",
-                          json.dumps(results, indent=2) + "\n")
+                          json.dumps(results, indent=2, allow_nan=False) + "\n")
         return results
 
     @staticmethod
@@ -169,8 +182,8 @@ class UnlearningEvaluation(EvaluationCallback):
       the class histograms, the retained-class drift; the PUL gap between the two, flagged
       above ``disagreement`` points;
     * with no classifier: the variational bound (bits per dimension) and denoising error of
-      the held-out forget and retain images under both models, and the selectivity (the
-      forget increase over the retain increase); the same-seed pixel change of the seeds
+      the held-out forget and retain images under both models, the forget increase less the
+      retain increase and their ratio (the selectivity); the same-seed pixel change of the seeds
       whose original is a forgotten class and of the others; the shift of the samples' mean
       and background intensity.
 
@@ -179,7 +192,8 @@ class UnlearningEvaluation(EvaluationCallback):
     primary evaluator); ``eval/second_classifier/pul`` and ``.../u_fid_ratio``;
     ``eval/pul_disagreement``; ``eval/sample_change/{retained,forgotten,ratio}``;
     ``eval/intensity/{mean_shift,background_shift}``;
-    ``eval/likelihood/{forget,retain}_bpd_increase`` and ``eval/likelihood/selectivity``.
+    ``eval/likelihood/{forget,retain}_bpd_increase``, ``eval/likelihood/forget_minus_retain``
+    and, when the retain increase is clearly above its noise, ``eval/likelihood/selectivity``.
     Rank 0 writes ``evaluation_step_XXXXXXX.json``, ``samples_step_XXXXXXX.png`` (left
     original, right unlearned, upscaled and captioned with the primary evaluator's label and
     confidence, originals of a forgotten class framed in red) and
@@ -318,20 +332,7 @@ class UnlearningEvaluation(EvaluationCallback):
 
     def _reference_images(self, data: Any, sample_shape: tuple[int, ...]) -> Tensor:
         """The (seeded, capped) retained-class images of the split: FID's real images."""
-        dataset = data.load(self.reference_split)
-        if not hasattr(dataset, "labels"):
-            raise TypeError(f"the {self.reference_split!r} split must have a .labels tensor to "
-                            "pick its retained-class images")
-        retain = torch.tensor(list(data.retain_classes or []), dtype=torch.int64)
-        members = torch.nonzero(torch.isin(torch.as_tensor(dataset.labels), retain)).flatten()
-        if len(members) < 2:
-            raise ValueError(f"the {self.reference_split!r} split has {len(members)} images of "
-                             f"the retained classes {retain.tolist()}; FID needs at least 2")
-        if self.num_reference is not None and self.num_reference < len(members):
-            generator = torch.Generator().manual_seed(self.seed)
-            chosen = torch.randperm(len(members), generator=generator)[:self.num_reference]
-            members = torch.sort(members[chosen]).values
-        images = torch.stack([dataset[int(i)]["image"] for i in members])
+        images = retained_reference(data, self.reference_split, self.num_reference, self.seed)
         if tuple(images.shape[1:]) != sample_shape:
             raise ValueError(f"reference images have shape {tuple(images.shape[1:])} but "
                              f"samples {sample_shape}")
@@ -342,23 +343,32 @@ class UnlearningEvaluation(EvaluationCallback):
         """The held-out forget and retain images (and labels) the likelihood is measured on,
         or None when the module or the datamodule cannot give them."""
         needs = ("unet", "original_unet", "scheduler")
-        if (self.likelihood_timesteps == 0 or not all(hasattr(pl_module, n) for n in needs)
-                or not all(hasattr(data, f"{p}_eval_set") for p in ("forget", "retain"))):
+        if self.likelihood_timesteps == 0 or not all(hasattr(pl_module, n) for n in needs):
             return None
-        parts = {}
-        for part in ("forget", "retain"):
-            dataset = getattr(data, f"{part}_eval_set")
-            items = [dataset[i] for i in range(len(dataset))]
-            parts[part] = (torch.stack([item["image"] for item in items]),
-                           torch.tensor([int(item.get("label", 0)) for item in items]))
+        parts = held_out_parts(data)
+        if parts is not None and self._conditional(pl_module) and any(
+                bool((labels < 0).any()) for _, labels in parts.values()):
+            rank_zero_warn("UnlearningEvaluation: the held-out images of a forget set given "
+                           "without labels cannot be scored by a label-conditional model: no "
+                           "likelihood measures")
+            return None
         return parts
+
+    @staticmethod
+    def _conditional(pl_module: pl.LightningModule) -> bool:
+        return bool(getattr(pl_module, "conditional", False))
 
     # ---- what ---------------------------------------------------------------------------
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         """Sample, score, log and write; every rank must call it. Returns ``self.results``."""
         self._paired.to(pl_module.device)
-        if self._original is None:
+        # The in-memory results belong to one original network: a new module could reuse
+        # the id the setup check compared.
+        digest = (state_digest(pl_module.original_unet)
+                  if hasattr(pl_module, "original_unet") else None)
+        if self._original is None or self._original["digest"] != digest:
             self._original = self._original_results(trainer, pl_module)
+            self._original["digest"] = digest
         original = self._original["samples"]
         unlearned = self._sample(trainer, pl_module, original=False)
         paired = self._paired.compare(original, unlearned)
@@ -427,6 +437,7 @@ class UnlearningEvaluation(EvaluationCallback):
             for part in ("forget", "retain"):
                 metrics[f"likelihood/{part}_bpd_increase"] = likelihood[part][
                     "bits_per_dim_increase"]
+            metrics["likelihood/forget_minus_retain"] = likelihood["forget_minus_retain"]
             if likelihood["selectivity"] is not None:
                 metrics["likelihood/selectivity"] = likelihood["selectivity"]
         if inception is not None:
@@ -437,48 +448,52 @@ class UnlearningEvaluation(EvaluationCallback):
     def _original_results(self, trainer: pl.Trainer, pl_module: pl.LightningModule
                           ) -> dict[str, Any]:
         """The original model's samples and likelihood: from ``cache_dir`` if it holds them
-        for this very model and these settings, else computed (and stored there)."""
-        cache = key = None
+        for this very model and these settings on every rank, else computed (and stored)."""
+        cache = key = entry = None
         if self.cache_dir is not None:
             cache, key = OriginalCache(self.cache_dir), self._original_key(pl_module)
             entry = cache.load(key)
-            if entry is not None:
-                entry["likelihood"] = {part: Likelihood(**values) for part, values in
-                                       (entry["likelihood"] or {}).items()}
-                return entry
-        results = {"samples": self._sample(trainer, pl_module, original=True),
-                   "likelihood": (None if self._held_out is None else
-                                  self._likelihood(pl_module, original=True))}
+        # Every rank must take the same path: computing means collectives (the gathering).
+        if trainer.strategy.reduce_boolean_decision(entry is not None, all=True):
+            samples, likelihood = from_entry(entry)
+            return {"samples": samples, "likelihood": likelihood}
+        samples = self._sample(trainer, pl_module, original=True)
+        likelihood = (None if self._held_out is None else
+                      self._likelihood(pl_module, original=True))
         if cache is not None and trainer.is_global_zero:
-            likelihood = {part: vars(values) for part, values in
-                          (results["likelihood"] or {}).items()}
-            cache.store(key, {"samples": results["samples"], "likelihood": likelihood})
-        return results
+            cache.store(key, to_entry(samples, likelihood))
+        return {"samples": samples, "likelihood": likelihood}
 
     def _original_key(self, pl_module: pl.LightningModule) -> str:
-        if not hasattr(pl_module, "original_unet"):
-            raise TypeError("cache_dir needs a module with original_unet (the pre-trained "
-                            "network the cache is keyed by)")
-        held_out = ({part: tensor_digest(images) for part, (images, _) in
-                     self._held_out.items()} if self._held_out is not None else None)
-        return OriginalCache.key(model=state_digest(pl_module.original_unet),
-                                 shape=list(pl_module.sample_shape),
-                                 num_samples=self.num_samples, seed=self.seed,
-                                 num_steps=self.num_steps, sampler=SAMPLER,
-                                 likelihood_timesteps=self.likelihood_timesteps,
-                                 held_out=held_out)
+        if not hasattr(pl_module, "original_unet") or not hasattr(pl_module, "scheduler"):
+            raise TypeError("cache_dir needs a module with original_unet and scheduler (the "
+                            "pre-trained network and schedule the cache is keyed by)")
+        held_out = {} if self._held_out is None else {
+            f"{part}_{what}": tensor for part, pair in self._held_out.items()
+            for what, tensor in zip(("images", "labels"), pair)}
+        return original_key(pl_module.original_unet, pl_module.scheduler.config,
+                            shape=list(pl_module.sample_shape), num_samples=self.num_samples,
+                            seed=self.seed, num_steps=self.num_steps, sampler=SAMPLER,
+                            conditional=self._conditional(pl_module),
+                            likelihood_timesteps=self.likelihood_timesteps, **held_out)
 
     def _sample(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                 original: bool) -> Tensor:
         """All ``num_samples`` samples, in order: each rank draws its share and they are
-        gathered."""
+        gathered. A label-conditional model draws sample i with label i mod C, whatever the
+        rank or batch."""
         world, rank = trainer.world_size, trainer.global_rank
         noise = seeded_noise(self.num_samples, tuple(pl_module.sample_shape), self.seed)
         mine = noise[rank::world]
+        labels = None
+        if self._conditional(pl_module):
+            labels = (torch.arange(self.num_samples) % pl_module.num_classes)[rank::world]
         chunks = []
-        for chunk in mine.split(self.batch_size):
+        for index in torch.arange(len(mine)).split(self.batch_size):
+            chunk = mine[index]
+            kwargs = {} if labels is None else {"labels": labels[index]}
             images = pl_module.sample_from(chunk.to(pl_module.device), original=original,
-                                           num_steps=self.num_steps)
+                                           num_steps=self.num_steps, **kwargs)
             if tuple(images.shape) != tuple(chunk.shape):
                 raise ValueError(f"sample_from returned shape {tuple(images.shape)} for noise "
                                  f"of shape {tuple(chunk.shape)}")
@@ -499,9 +514,9 @@ class UnlearningEvaluation(EvaluationCallback):
         """The bound of each held-out part under one model (every rank computes all of it:
         a few seconds, and no collective)."""
         unet = pl_module.original_unet if original else pl_module.unet
-        labels_needed = bool(getattr(pl_module, "conditional", False))
+        conditional = self._conditional(pl_module)
         return {part: variational_bound(unet, pl_module.scheduler.betas, images,
-                                        labels if labels_needed else None,
+                                        labels if conditional else None,
                                         self.likelihood_timesteps, self.seed, self.batch_size)
                 for part, (images, labels) in self._held_out.items()}
 
@@ -532,10 +547,10 @@ class UnlearningEvaluation(EvaluationCallback):
         count = min(self.grid_images, len(original))
         if count == 0:
             return
+        primary = self._paired.evaluators["classifier"]
         picture = before_after_grid(
             original[:count], unlearned[:count],
-            *(self._paired.read(images[:count])["classifier"]
-              for images in (original, unlearned)),
+            *(primary.predict(images[:count]) for images in (original, unlearned)),
             self._paired.forget_classes, evaluator="the classifier", tile=self.grid_tile)
         path = out / f"samples_step_{step:07d}.png"
         with atomic_file(path) as tmp:

@@ -1,9 +1,11 @@
 """A disk cache of what the original model gives an evaluation: its samples and its likelihood
 of the held-out images never change, and sampling them is most of an evaluation's time.
 
-An entry is keyed by a digest of the original network's weights and of every setting that
-shapes the result, so a changed model or setting never reads a stale entry. Entries hold
-plain tensors, saved atomically and read back with ``weights_only=True``.
+An entry is keyed (``original_key``) by a digest of the original network's weights, of its
+scheduler, of the held-out images and labels, and of every setting that shapes the result,
+with a version that changes whenever the way the results are computed does: a changed model,
+setting or code never reads a stale entry. Entries hold plain tensors, saved atomically and
+read back with ``weights_only=True``.
 """
 
 from __future__ import annotations
@@ -17,7 +19,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from vdu_lightning.evaluation.likelihood import Likelihood
 from vdu_lightning.files import atomic_file
+
+#: Raise when the samples or the bound are computed differently (entries of another version
+#: are never read).
+CACHE_VERSION = 2
 
 
 def _raw_bytes(tensor: torch.Tensor) -> bytes:
@@ -38,6 +45,28 @@ def tensor_digest(tensor: torch.Tensor) -> str:
     digest = hashlib.sha256(f"{tuple(tensor.shape)}:{tensor.dtype}".encode())
     digest.update(_raw_bytes(tensor))
     return digest.hexdigest()
+
+
+def original_key(unet: nn.Module, scheduler_config: Any, **settings: Any) -> str:
+    """The key of an original model's entry: its weights, its scheduler and ``settings``
+    (numbers, strings, lists; tensors such as the held-out images enter by digest)."""
+    plain = {name: tensor_digest(value) if isinstance(value, torch.Tensor) else value
+             for name, value in settings.items()}
+    return OriginalCache.key(version=CACHE_VERSION, model=state_digest(unet),
+                             scheduler=dict(scheduler_config), **plain)
+
+
+def to_entry(samples: torch.Tensor, likelihood: dict[str, Likelihood] | None
+             ) -> dict[str, Any]:
+    """An entry of plain tensors: the samples and each part's bound."""
+    return {"samples": samples,
+            "likelihood": {part: vars(values) for part, values in (likelihood or {}).items()}}
+
+
+def from_entry(entry: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Likelihood] | None]:
+    """(samples, likelihood per part or None) of an entry."""
+    likelihood = {part: Likelihood(**values) for part, values in entry["likelihood"].items()}
+    return entry["samples"], likelihood or None
 
 
 class OriginalCache:

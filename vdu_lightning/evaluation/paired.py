@@ -9,7 +9,8 @@ the samples' overall and background intensity moved.
 
 Why all of these: a generator can move a brittle classifier's labels with a faint global
 haze and forget nothing. The evaluators are intensity-standardised; two of them must agree
-(``evaluators_disagree`` flags a PUL gap over ``disagreement`` points); and a selective
+(``evaluators_disagree`` flags a PUL gap over ``disagreement`` points, and is None when a
+PUL is undefined); and a selective
 method changes the forgotten seeds' samples much more than the retained ones', with no
 global drift. Everything is computed from the full sets on one process: pass gathered
 samples under DDP.
@@ -17,6 +18,7 @@ samples under DDP.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -143,8 +145,11 @@ class PairedEvaluation:
         readings = {"original": self.read(original), "unlearned": self.read(unlearned)}
         per_evaluator = {name: self._scores(name, original, unlearned, readings)
                          for name in self.evaluators}
-        puls = [r["pul"] for r in per_evaluator.values() if r["pul"] == r["pul"]]
-        gap = max(puls) - min(puls) if len(puls) > 1 else None
+        # The gap needs every evaluator's PUL: undefined (None) when one is NaN, i.e. when
+        # that evaluator found no forgotten-class sample among the original's.
+        puls = [r["pul"] for r in per_evaluator.values()]
+        defined = len(puls) > 1 and all(math.isfinite(value) for value in puls)
+        gap = max(puls) - min(puls) if defined else None
         forget = torch.tensor(self.forget_classes)
         forgotten = torch.isin(readings["original"][self.primary][0], forget)
         mean_o, background_o = intensity(original)
@@ -153,7 +158,7 @@ class PairedEvaluation:
             "evaluators": per_evaluator,
             "primary": self.primary,
             "pul_disagreement": gap,
-            "evaluators_disagree": gap is not None and gap > self.disagreement,
+            "evaluators_disagree": None if gap is None else gap > self.disagreement,
             "disagreement_threshold": self.disagreement,
             "sample_change": sample_change(original, unlearned, forgotten),
             "intensity": {"mean_original": mean_o, "mean_unlearned": mean_u,

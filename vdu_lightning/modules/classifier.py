@@ -76,11 +76,6 @@ class ClassifierModule(pl.LightningModule):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images)
 
-    @torch.no_grad()
-    def predict_labels(self, images: torch.Tensor) -> torch.Tensor:
-        """The predicted class of each image (in eval mode, whatever the module's mode)."""
-        return self.net.predict(images)[0].to(images.device)
-
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images = (augment(batch["image"], self.hparams.max_shift) if self.hparams.augment
                   else random_shift(batch["image"], self.hparams.max_shift))
