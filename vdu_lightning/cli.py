@@ -21,6 +21,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_info
 
 # Importing the package registers its modules and datamodules, so configs may name them
@@ -38,7 +39,7 @@ from vdu_lightning.prior import (
     ParameterPrior,
     check_min_var,
 )
-from vdu_lightning.resume import check_resumable, find_last_checkpoint
+from vdu_lightning.resume import check_resumable, find_hpc_checkpoint, find_last_checkpoint
 
 
 #: The resolved config's name among a W&B run's files, where W&B writes its own run config
@@ -88,8 +89,9 @@ class RunConfigSaver(SaveConfigCallback):
         return name
 
 
-#: Values of ``--ckpt_path`` that Lightning resolves itself (no file to check beforehand).
-_LIGHTNING_CKPT_PATHS = ("best", "hpc", "registry")
+#: Values of ``--ckpt_path`` left for Lightning to resolve (no file to check beforehand): what
+#: remains of them after ``parse_arguments`` resolved what it could (`last` in a remote folder).
+_LIGHTNING_CKPT_PATHS = ("best", "hpc", "last", "registry")
 #: How jsonargparse reports a class whose ``__init__`` raised (with that error as the cause).
 _UNION_ERROR = "Does not validate against any of the Union subtypes"
 #: Callbacks that write only while fitting (validate/test may run with them in the config).
@@ -169,6 +171,9 @@ class VDUCLI(LightningCLI):
                 config["ckpt_path"] = ckpt_path or None
                 if not ckpt_path:
                     rank_zero_info("--ckpt_path last: no checkpoint yet, the run starts afresh")
+            if ckpt_path == "hpc" or (not ckpt_path and SLURMEnvironment.detect()):
+                # Lightning resolves these itself, to the same file: check it beforehand.
+                ckpt_path = find_hpc_checkpoint(config["trainer"]) or ""
             if (not ckpt_path or ckpt_path in _LIGHTNING_CKPT_PATHS or "://" in ckpt_path
                     or ckpt_path.startswith("registry:")):
                 return

@@ -126,7 +126,9 @@ def _load_unet(path: Path, subfolder: str | None) -> UNet2DModel:
             output_loading_info=True)
     except RuntimeError as err:  # torch's load_state_dict: one line per tensor of another shape
         shapes = [_SIZE_MISMATCH.sub(r"\1: weights \2, config \3", line.strip())
-                  for line in str(err).splitlines()[1:] if line.strip()]
+                  for line in str(err).splitlines()[1:] if _SIZE_MISMATCH.search(line)]
+        if not shapes:  # another failure (memory, a damaged file): not ours to rename
+            raise
         raise ValueError(misfit + f"{len(shapes)} tensors have other shapes, e.g. "
                          f"{shapes[:_SHOWN]}") from err
     missing, unexpected = sorted(info["missing_keys"]), sorted(info["unexpected_keys"])

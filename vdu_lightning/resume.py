@@ -11,15 +11,20 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
+from lightning.pytorch.utilities import rank_zero_warn
 
 from vdu_lightning.files import load_checkpoint
 from vdu_lightning.modules.vdu import prior_in_checkpoint
+
+#: The checkpoints Lightning writes on SLURM's pre-emption signal.
+_HPC_NAME = re.compile(r"hpc_ckpt_(\d+)\.ckpt")
 
 
 def _imported_class(class_path: str) -> Any:
@@ -63,6 +68,9 @@ def _last_checkpoint_places(trainer: Any) -> list[tuple[Path, Callable[[str], bo
                 "logger's directory of each run (a new version every run), where no earlier "
                 "checkpoint can be found: give it a dirpath, or give --ckpt_path the path of "
                 "the checkpoint")
+    if not any(args.get("save_last") for _, args in checkpoints):
+        rank_zero_warn("--ckpt_path last: no ModelCheckpoint of this config has save_last: "
+                       "true, so its runs write no last.ckpt to resume from")
     for cls, args in callbacks:
         if issubclass(cls, OnExceptionCheckpoint):
             path = Path(cls(**dict(args.items())).ckpt_path)  # made only for its file's name
@@ -72,15 +80,34 @@ def _last_checkpoint_places(trainer: Any) -> list[tuple[Path, Callable[[str], bo
 
 def find_last_checkpoint(trainer: Any) -> str | None:
     """The file ``--ckpt_path last`` names for the trainer config ``trainer``, chosen as
-    Lightning chooses it (the newest of the candidates); None when there is none yet.
+    Lightning chooses it (the newest of the candidates); None when there is none yet, and
+    ``"last"`` itself when a candidate folder is remote (``s3://...``), which only Lightning
+    (through fsspec) can list.
 
     Raises:
         ValueError: a ``ModelCheckpoint`` without ``dirpath`` writes into a directory that
             is new for every run (the logger's version): ``last`` can never find it.
     """
-    found = [directory / name for directory, counts in _last_checkpoint_places(trainer)
+    folders = [(c.get("init_args") or {}).get("dirpath")
+               for c in _as_list(trainer.get("callbacks"))]
+    if any("://" in str(folder) for folder in [*folders, trainer.get("default_root_dir")]):
+        return "last"  # pathlib would turn s3://b into s3:/b, which is not there
+    places = _last_checkpoint_places(trainer)
+    found = [directory / name for directory, counts in places
              if directory.is_dir() for name in os.listdir(directory) if counts(name)]
     return str(max(found, key=os.path.getmtime)) if found else None
+
+
+def find_hpc_checkpoint(trainer: Any) -> str | None:
+    """The ``hpc_ckpt_<n>.ckpt`` of the highest n in ``default_root_dir``: the file Lightning
+    resumes from for ``--ckpt_path hpc`` and for a job SLURM requeued; None when there is
+    none (or the directory is remote)."""
+    root = str(trainer.get("default_root_dir") or os.getcwd())
+    if "://" in root or not os.path.isdir(root):
+        return None
+    versions = [int(match.group(1)) for name in os.listdir(root)
+                if (match := _HPC_NAME.fullmatch(name))]
+    return os.path.join(root, f"hpc_ckpt_{max(versions)}.ckpt") if versions else None
 
 
 def check_resumable(path: str, model_class_path: str) -> None:
@@ -90,6 +117,8 @@ def check_resumable(path: str, model_class_path: str) -> None:
     Read memory-mapped: only the hyperparameters (and the prior, if any) are read.
     """
     checkpoint = load_checkpoint(path)
+    # A checkpoint written outside LightningCLI records no class: only its state is checked
+    # then (strict loading refuses another network's state).
     written_by = (checkpoint.get("hyper_parameters") or {}).get("_class_path")
     if written_by is not None and _imported_class(written_by) is not _config_class(
             model_class_path):

@@ -54,6 +54,11 @@ checkpoint, its trajectory prior, a classifier and a finished short VDU run.
 21. a checkpoint whose prior holds NaN, through ``vdu`` and the API (the message names the
     checkpoint)                                        test_a_checkpoint_whose_prior_holds_nan...
 22. ``lr`` <= 0                                        test_a_learning_rate_that_is_not_positive...
+23. an evaluation classifier directory whose weights are not safetensors, whose config.json
+    has a foreign key or another width, or that was written before the input
+    standardisation, on ``vdu validate``            test_a_classifier_directory_that_cannot_...
+    (the Python API: tests/unit/test_evaluation_parts.py::
+    test_a_classifier_directory_that_does_not_fit_is_refused_by_name)
 """
 
 from __future__ import annotations
@@ -901,3 +906,35 @@ def test_a_learning_rate_that_is_not_positive_is_refused_before_the_model_is_rea
         main(["fit", "--config", TINY_VDU, f"--model.init_args.lr={lr}"])
     stopped_before(reached, "model read")
     assert nothing_lost(before, workspace) == []
+
+
+# ---- 23: the evaluation classifier ---------------------------------------------------------
+@pytest.mark.parametrize("problem, message", [
+    ("pickled weights", r"model\.safetensors is not a safetensors file .*the project reads "
+                        r"classifier weights only as safetensors"),
+    ("foreign key", r"config\.json has keys \['colour'\] that a classifier does not take"),
+    ("other width", r"the weights in .*model\.safetensors do not fit its config\.json"),
+    ("no standardisation", r"holds a classifier without input standardisation"),
+])
+def test_a_classifier_directory_that_cannot_serve_is_named_before_any_sampling(
+        problem: str, message: str, workspace: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = workspace / "runs/tests/tiny_classifier"
+    config = json.loads((folder / "config.json").read_text())
+    if problem == "pickled weights":
+        torch.save({"net.head.1.bias": torch.zeros(10)}, folder / "model.safetensors")
+    elif problem == "foreign key":
+        config["colour"] = "red"
+    elif problem == "other width":
+        config["width"] = 16
+    else:
+        del config["normalise"]
+    (folder / "config.json").write_text(json.dumps(config))
+    before = written(workspace)
+    sampled: list[bool] = []
+    monkeypatch.setattr(UnlearningModule, "sample_from",
+                        lambda self, *args, **kwargs: sampled.append(True))
+    with pytest.raises(ValueError, match=message):
+        main(["validate", "--config", TINY_VDU, "--ckpt_path", "runs/tests/tiny_vdu/last.ckpt"])
+    assert not sampled, "the models were sampled before the classifier was checked"
+    new = nothing_lost(before, workspace)
+    assert not [path for path in new if "evaluation" in path], new

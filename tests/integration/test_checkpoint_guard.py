@@ -13,8 +13,9 @@ import torch
 
 from conftest import CONFIGS
 from unlearning_runs import subprocess_env, tiny_job, vdu_command
-from vdu_lightning.cli import main
+from vdu_lightning.cli import VDUCLI, main
 from vdu_lightning.files import load_checkpoint
+from vdu_lightning.resume import find_last_checkpoint
 
 CHECKPOINTS = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                "init_args": {"dirpath": "checkpoints", "save_last": True}}
@@ -82,3 +83,44 @@ def test_ckpt_path_last_starts_a_first_run_and_resumes_the_next(tmp_path: Path) 
     (tmp_path / "prior.safetensors").unlink()
     main(["fit", "--config", str(job), "--ckpt_path", "last", "--trainer.max_steps=4"])
     assert load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 4
+
+
+def test_the_config_and_not_the_checkpoint_gives_the_model_its_arguments(
+        tmp_path: Path) -> None:
+    """A checkpoint of the right class whose hyperparameters say otherwise (another gamma,
+    another pretrained model) restores state only: the run keeps the config's arguments."""
+    job = tiny_job(tmp_path, max_steps=2, callbacks=[CHECKPOINTS])
+    main(["fit", "--config", str(job)])
+    content = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    content["hyper_parameters"].update(gamma=0.9, pretrained=str(tmp_path / "elsewhere"))
+    torch.save(content, tmp_path / "edited.ckpt")
+    cli = VDUCLI(args=["fit", "--config", str(job), "--trainer.max_steps=3",
+                       "--ckpt_path", str(tmp_path / "edited.ckpt")])
+    assert cli.model.gamma == 0.5 and cli.model.pretrained == str(tmp_path / "ddpm")
+    assert cli.trainer.global_step == 3
+
+
+def test_the_hpc_checkpoint_lightning_would_take_is_checked_first(tmp_path: Path) -> None:
+    job = tiny_job(tmp_path, max_steps=2, callbacks=[CHECKPOINTS],
+                   trainer={"default_root_dir": str(tmp_path / "root")})
+    main(["fit", "--config", str(job)])
+    root = tmp_path / "root"
+    (root / "hpc_ckpt_1.ckpt").write_bytes((tmp_path / "checkpoints" / "last.ckpt").read_bytes())
+    (root / "hpc_ckpt_12.ckpt").write_bytes(b"truncated")  # the newest: the one resumed
+    with pytest.raises(ValueError, match=r"^ckpt_path: .*hpc_ckpt_12\.ckpt"):
+        main(["fit", "--config", str(job), "--ckpt_path", "hpc"])
+
+
+def test_last_in_a_remote_folder_is_left_to_lightning() -> None:
+    """Only fsspec can list s3://...: the run must not start afresh (and overwrite it)."""
+    trainer = {"callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                              "init_args": {"dirpath": "s3://bucket/run", "save_last": True}}]}
+    assert find_last_checkpoint(trainer) == "last"
+    local = {"callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                            "init_args": {"dirpath": "nowhere", "save_last": True}}],
+             "logger": False}
+    assert find_last_checkpoint(local) is None
+    with pytest.warns(UserWarning, match="no ModelCheckpoint of this config has save_last"):
+        find_last_checkpoint({"callbacks": [
+            {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+             "init_args": {"dirpath": "nowhere"}}]})
