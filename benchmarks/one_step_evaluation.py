@@ -91,15 +91,18 @@ def scores(predicted: torch.Tensor, labels: torch.Tensor, forget: list[int],
                                                  minlength=num_classes).tolist()}
 
 
-def save_grid(generator_dir: str, path: Path, per_label: int = 8) -> None:
+def save_grid(generator_dir: str, path: Path, per_label: int = 8, scale: int = 4) -> None:
     """A PNG of ``per_label`` one-step samples per label, one row each, every row from the
-    same noises (seed 0): a column shows what one z becomes under each label."""
+    same noises (seed 0): a column shows what one z becomes under each label. Each sample is
+    enlarged ``scale`` times without smoothing (16 pixels are too few to read)."""
     generator = OneStepGeneratorPipeline.from_pretrained(generator_dir)
     num_classes = generator.unet.config.num_class_embeds - 1
     images = torch.cat([generator([label] * per_label, generator=torch.Generator().manual_seed(0),
                                   output_type="pt").images for label in range(num_classes)])
+    images = torch.nn.functional.interpolate(images, scale_factor=scale, mode="nearest")
     with atomic_file(path) as tmp:
-        save_image((images + 1) / 2, tmp, nrow=per_label, format="png")
+        save_image((images + 1) / 2, tmp, nrow=per_label, padding=4, pad_value=1.0,
+                   format="png")
 
 
 def evaluate_one_step(generator_dir: str, teacher: str, classifier_dirs: list[str],

@@ -18,6 +18,7 @@ import torch
 from vdu_lightning.diffusion import seeded_noise
 from vdu_lightning.evaluation import (
     PairedEvaluation,
+    before_after_grid,
     likelihood_change,
     load_classifier,
     variational_bound,
@@ -25,6 +26,7 @@ from vdu_lightning.evaluation import (
 from vdu_lightning.evaluation.cache import OriginalCache, from_entry, original_key, to_entry
 from vdu_lightning.evaluation.likelihood import Likelihood
 from vdu_lightning.evaluation.references import held_out_parts, retained_reference
+from vdu_lightning.files import atomic_file
 
 #: Monte Carlo timesteps per held-out image for the bound (as the callback's default).
 LIKELIHOOD_TIMESTEPS = 8
@@ -122,3 +124,19 @@ def evaluate(module: Any, data: Any, pretrained: str, classifier_dirs: list[str]
     likelihood = likelihood_change(original_bounds, bounds(module, held_out, original=False))
     return {**flat_scores(paired, likelihood), "paired": paired, "likelihood": likelihood,
             "real_images": paired["num_reference"]}
+
+
+def save_before_after(module: Any, classifier_dir: str, forget: int, steps: int, path: str,
+                      count: int = 32) -> None:
+    """The captioned before/after grid of the first ``count`` seeds (the evaluation's noise),
+    as ``UnlearningEvaluation`` draws it."""
+    noise = seeded_noise(count, module.sample_shape, seed=0)
+    labels = labels_of(module, count)
+    pair = [module.sample_from(noise, original=original, num_steps=steps, labels=labels)
+            for original in (True, False)]
+    net = load_classifier(classifier_dir)
+    picture = before_after_grid(*pair, *(net.predict(images) for images in pair), [forget],
+                                evaluator=Path(classifier_dir).name)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as tmp:
+        picture.save(tmp, format="png")

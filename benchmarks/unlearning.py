@@ -40,7 +40,7 @@ import torch
 import yaml
 
 from one_step_evaluation import evaluate_one_step, save_grid
-from paired_evaluation import evaluate
+from paired_evaluation import evaluate, save_before_after
 
 from vdu_lightning import ForgetSetDataModule, ParameterPrior, SFDModule
 from vdu_lightning.callbacks import UnlearningGuard
@@ -120,6 +120,9 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
     trainer.fit(module, datamodule=data)
     scores = evaluate(module, data, args.pretrained, args.classifiers, args.num_samples,
                       args.sample_steps)
+    if args.grids:
+        save_before_after(module, args.classifiers[0], data.forget_classes[0],
+                          args.sample_steps, f"{args.grids}/{args.run}_seed{args.seed}.png")
     peak = (torch.cuda.max_memory_allocated() if torch.cuda.is_available() else
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     return {
@@ -139,7 +142,7 @@ def launch(args: argparse.Namespace, method: str, seed: int) -> dict[str, Any]:
     for key in ("pretrained", "prior", "configs", "max_steps", "num_samples",
                 "sample_steps", "threads", "accelerator", "teacher", "distill_steps",
                 "num_per_label", "out", "model_overrides", "data_overrides",
-                "distill_overrides"):
+                "distill_overrides", "grids"):
         command += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     command += ["--forget-classes", *map(str, args.forget_classes)]
     command += ["--classifiers", *args.classifiers]
@@ -156,8 +159,8 @@ def launch(args: argparse.Namespace, method: str, seed: int) -> dict[str, Any]:
         return result
     print(f"{method:16s} seed {seed}: PUL {result['pul']:6.1f}% (second "
           f"{result.get('second_pul', float('nan')):6.1f}%)  u-FID {result['u_fid']:7.2f} "
-          f"(x{result['u_fid_ratio']:.2f})  bpd +{result['bpd_forget_increase']:.3f} / "
-          f"+{result['bpd_retain_increase']:.3f}  {result['train_seconds']:.0f} s", flush=True)
+          f"(x{result['u_fid_ratio']:.2f})  bpd {result['bpd_forget_increase']:+.3f} / "
+          f"{result['bpd_retain_increase']:+.3f}  {result['train_seconds']:.0f} s", flush=True)
     return result
 
 
@@ -187,7 +190,7 @@ def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _cell(row: dict[str, Any], key: str, spec: str) -> str:
     mean, spread = row[key]
-    return f"{mean:{spec}} ± {spread:{spec}}"
+    return f"{mean:{spec}} ± {spread:{spec.lstrip('+')}}"
 
 
 def markdown(rows: list[dict[str, Any]], original_fid: float) -> str:
@@ -239,6 +242,11 @@ def distillation_markdown(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+#: PUL below this is drawn at it (a collapse into the forgotten class gives −600%), with the
+#: value written beside it, so that the rest of the plot keeps its scale.
+PUL_FLOOR = -100.0
+
+
 def scatter(results: list[dict[str, Any]], path: str) -> None:
     from matplotlib.figure import Figure
 
@@ -246,12 +254,18 @@ def scatter(results: list[dict[str, Any]], path: str) -> None:
     axes = figure.subplots()
     for index, method in enumerate(dict.fromkeys(r["method"] for r in results)):
         mine = [r for r in results if r["method"] == method]
-        axes.scatter([r["pul"] for r in mine], [r["u_fid"] for r in mine], label=method,
-                     color=f"C{index}", marker="o" if mine[0]["data_constrained"] else "s",
+        puls = [max(r["pul"], PUL_FLOOR) for r in mine]
+        clipped = any(r["pul"] < PUL_FLOOR for r in mine)
+        axes.scatter(puls, [r["u_fid"] for r in mine], label=method, color=f"C{index}",
+                     marker="<" if clipped else "o" if mine[0]["data_constrained"] else "s",
                      facecolors="none" if not mine[0]["data_constrained"] else f"C{index}")
+        if clipped:
+            lowest = min(r["pul"] for r in mine)
+            axes.annotate(f"PUL {lowest:.0f}%", (PUL_FLOOR, mine[0]["u_fid"]),
+                          textcoords="offset points", xytext=(8, 4), fontsize=7)
     axes.axhline(results[0]["u_fid_original"], color="grey", linestyle="--",
                  label="original model")
-    axes.set_xlabel("PUL (%)  →  forgets more")
+    axes.set_xlabel("PUL (%, first evaluator)  →  forgets more")
     axes.set_ylabel("u-FID  (lower is better)")
     axes.set_yscale("log")
     axes.legend(fontsize=8, title="hollow squares need D_r", title_fontsize=8)
@@ -289,6 +303,8 @@ def main() -> None:
     parser.add_argument("--forget-classes", nargs="+", type=int, default=[1],
                         help="the labels UA is measured on, for SFD and SiD (as sfd.yaml)")
     parser.add_argument("--out", default="runs/bench/unlearning.json")
+    parser.add_argument("--grids", default="",
+                        help="a folder for each peer run's captioned before/after grid (PNG)")
     parser.add_argument("--plot", default=None, help="the PUL-versus-u-FID scatter (PNG)")
     parser.add_argument("--run", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)

@@ -22,7 +22,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
-from paired_evaluation import evaluate
+from paired_evaluation import evaluate, save_before_after
 
 from vdu_lightning import ForgetSetDataModule, VDUModule
 from vdu_lightning.callbacks import CheckpointPrior, UnlearningGuard
@@ -45,6 +45,9 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=1000)
     parser.add_argument("--sample-steps", type=int, default=50)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--grid", default=None,
+                        help="also write the captioned before/after grid of the first 32 seeds "
+                             "(PNG)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     if args.threads:
@@ -67,6 +70,9 @@ def main() -> None:
     scores = evaluate(module, data, args.pretrained, args.classifiers, args.num_samples,
                       args.sample_steps)
     evaluation_seconds = time.perf_counter() - start
+    if args.grid:
+        save_before_after(module, args.classifiers[0], args.forget_class, args.sample_steps,
+                          args.grid)
     result = {
         "args": vars(args), "fit_seconds": round(fit_seconds, 1),
         "evaluation_seconds": round(evaluation_seconds, 1), "steps": trainer.global_step,
