@@ -24,15 +24,12 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
-import platform
 import resource
 import statistics
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import torch
+from fresh_process import machine_name, run_child, save_rows
 
 from vdu_lightning.losses import denoising_error, stability_penalty
 from vdu_lightning.modules.text_to_image import TRAINABLE_SUBSETS
@@ -131,20 +128,14 @@ def main() -> None:
     rows = []
     for trainable in args.trainable:
         for precision in precisions:
-            command = [sys.executable, __file__, "--one", "--device", args.device,
+            command = [__file__, "--one", "--device", args.device,
                        "--trainable", trainable, "--precision", precision,
                        "--batch-size", str(args.batch_size), "--steps", str(args.steps)]
             if args.gradient_checkpointing:
                 command.append("--gradient-checkpointing")
-            done = subprocess.run(command, capture_output=True, text=True)
-            if done.returncode != 0:  # e.g. out of memory: say so and go on
-                reason = (done.stderr.strip().splitlines() or ["killed"])[-1][:120]
-                rows.append({"trainable": trainable, "precision": precision, "error": reason})
-            else:
-                rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-    machine = (torch.cuda.get_device_name() if args.device == "cuda"
-               else f"{platform.processor() or platform.machine()}, "
-                    f"{torch.get_num_threads()} threads")
+            # A failure (e.g. out of memory) is a row that says so; the others still run.
+            rows.append(run_child(command, trainable=trainable, precision=precision))
+    machine = machine_name(args.device)
     print(f"SD-1.5-sized UNet, 64x64 latents, batch {args.batch_size}, Adam, on {machine}\n")
     print("| trainable | parameters | precision | step (s) | peak memory (GiB) |")
     print("|---|---|---|---|---|")
@@ -154,9 +145,7 @@ def main() -> None:
         else:
             print(f"| {row['trainable']} | {row['trainable_parameters'] / 1e6:.1f} M | "
                   f"{row['precision']} | {row['step_s']:.2f} | {row['peak_gib']:.2f} |")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
+    save_rows(args.out, machine, rows)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from vdu_lightning.diffusion import (
     load_pretrained,
 )
 from vdu_lightning.files import load_checkpoint
+from vdu_lightning.hub import resolve_model
 
 #: Which copy of a ``DiffusionModule`` checkpoint's UNet to read.
 WEIGHT_PREFIXES = {"ema": "ema_unet.", "raw": "unet."}
@@ -80,7 +81,8 @@ def read_unet_weights(path: str | os.PathLike, weights: str = "ema") -> dict[str
     """The UNet's parameters and buffers in one file or directory, by name.
 
     Args:
-        path: a ``DiffusionModule`` checkpoint, a diffusers directory, or a UNet state dict.
+        path: a ``DiffusionModule`` checkpoint, a diffusers directory (local or a Hub ID,
+            see ``vdu_lightning.hub``), or a UNet state dict.
         weights: ``ema`` or ``raw``: which UNet of a ``DiffusionModule`` checkpoint (other
             sources hold one set of weights and ignore it).
 
@@ -89,7 +91,7 @@ def read_unet_weights(path: str | os.PathLike, weights: str = "ema") -> dict[str
         ValueError: a corrupt file, or one holding anything but plain tensors.
     """
     prefix = _check_weights_choice(weights)
-    path = Path(path)
+    path = resolve_model(path)
     if path.is_dir():
         return dict(_load_tensor_file(_diffusers_weights_file(path)))
     if not path.exists():
@@ -128,7 +130,7 @@ def load_diffusion_model(
     unconditional), from a diffusers directory or a ``DiffusionModule`` checkpoint.
     """
     prefix = _check_weights_choice(weights)
-    path = Path(path)
+    path = resolve_model(path)
     if not path.exists():
         raise FileNotFoundError(f"pretrained model not found: {path} (expected a diffusers "
                                 "directory or a DiffusionModule checkpoint)")

@@ -266,10 +266,15 @@ def prior_command(args: list[str]) -> None:
     parser = argparse.ArgumentParser(
         prog="vdu prior",
         description="Build the checkpoint prior N(mean, diag var) of VDU from K checkpoints "
-                    "(DiffusionModule .ckpt files, diffusers directories or UNet state dicts), "
-                    "reading one at a time.",
+                    "(DiffusionModule .ckpt files, diffusers directories, Hub model IDs or UNet "
+                    "state dicts), reading one at a time.",
     )
-    parser.add_argument("--checkpoints", nargs="+", required=True, help="K >= 2 checkpoints")
+    parser.add_argument("--checkpoints", nargs="+", required=True,
+                        help="K >= 2 checkpoints: files, directories or Hub IDs (owner/name)")
+    parser.add_argument("--revision", default=None,
+                        help="the branch, tag or commit of every Hub ID (or owner/name@rev)")
+    parser.add_argument("--subfolder", default=None,
+                        help="the model's folder inside each directory or repository, e.g. unet")
     parser.add_argument("--out", required=True, help="the prior file to write (.safetensors)")
     parser.add_argument("--source", choices=CHECKPOINT_SOURCES, default="trajectory",
                         help="how the checkpoints relate (recorded in the file)")
@@ -284,7 +289,8 @@ def prior_command(args: list[str]) -> None:
         _check_prior_out(options.out, options.checkpoints)
         prior = ParameterPrior.from_checkpoints(options.checkpoints, options.source,
                                                 options.include, options.min_var,
-                                                options.weights)
+                                                options.weights, options.revision,
+                                                options.subfolder)
     except (OSError, ValueError) as err:
         parser.exit(2, f"vdu prior: error: {err}\n")
     prior.save(options.out)

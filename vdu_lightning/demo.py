@@ -37,7 +37,9 @@ from vdu_lightning.callbacks import (
     UnlearningGuard,
 )
 from vdu_lightning.data import ForgetSetDataModule, ImageDataModule
+from vdu_lightning.callbacks.evaluation import json_plain
 from vdu_lightning.files import atomic_write_text
+from vdu_lightning.model_card import describe_forget_set
 from vdu_lightning.modules import ClassifierModule, DiffusionModule, VDUModule
 from vdu_lightning.prior import ParameterPrior
 
@@ -232,7 +234,10 @@ class Demo:
             for pattern, name in (("samples_step_*.png", "before_after.png"),
                                   ("histogram_step_*.png", "histogram.png")):
                 os.replace(next(Path(scratch).glob(pattern)), self.output / name)
-        self.module.save_pretrained(self.output / "model")
+        # The exported model carries its card: the forget set, this evaluation, the grid.
+        self.module.save_pretrained(self.output / "model", card=self.module.model_card(
+            forget_set=describe_forget_set(self.data), evaluation=json_plain(self.results),
+            picture=self.output / "before_after.png", where="model"))
         metrics = self.results["metrics"]
         second = metrics.get("second_classifier/pul", float("nan"))
         return (f"PUL {metrics['pul']:.1f}% (second evaluator {second:.1f}%), u-FID "

@@ -9,12 +9,16 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from vdu_lightning.files import PickledObjectsRefused, atomic_directory, load_checkpoint
+from vdu_lightning.hub import resolve_model
+
+if TYPE_CHECKING:
+    from vdu_lightning.model_card import ExportCard
 
 #: Sub-folders of a diffusers pipeline directory (the layout of e.g. ``google/ddpm-cifar10-32``).
 UNET_SUBFOLDER = "unet"
@@ -55,13 +59,14 @@ def build_scheduler(
 
 
 def load_pretrained(path: str | os.PathLike) -> tuple[UNet2DModel, DDPMScheduler]:
-    """Load a UNet and its DDPM scheduler from a local diffusers directory, never downloading.
+    """Load a UNet and its DDPM scheduler from a diffusers directory or Hub ID.
 
     Accepts a pipeline directory (``unet/`` and ``scheduler/`` sub-folders, as written by
     ``DDPMPipeline.save_pretrained``) or a bare UNet directory (``config.json`` beside the
-    weights; the default DDPM schedule is then assumed).
+    weights; the default DDPM schedule is then assumed), local or a Hub repository ID
+    (``owner/name[@revision]``, see ``vdu_lightning.hub``).
     """
-    path = Path(path)
+    path = resolve_model(path)
     if not path.is_dir():
         raise FileNotFoundError(
             f"pretrained model directory not found: {path} (expected a diffusers directory with "
@@ -102,7 +107,10 @@ def _check_unet_folder(folder: Path) -> None:
             + (". A Stable Diffusion pipeline is unlearned with TextToImageVDUModule"
                if found == "UNet2DConditionModel" else "")
         )
-    if not (folder / SAFE_WEIGHTS).is_file() and (folder / PICKLED_WEIGHTS).is_file():
+    if not (folder / SAFE_WEIGHTS).is_file() and not (folder / PICKLED_WEIGHTS).is_file():
+        # e.g. a Hub repository that offers pickled weights only (never fetched) or variants
+        raise FileNotFoundError(f"{folder} holds no UNet weights: expected {SAFE_WEIGHTS}")
+    if not (folder / SAFE_WEIGHTS).is_file():
         try:
             load_checkpoint(folder / PICKLED_WEIGHTS)  # memory-mapped: checks, reads little
         except PickledObjectsRefused as err:
@@ -151,14 +159,18 @@ def sample_shape(unet: UNet2DModel) -> tuple[int, int, int]:
     return (unet.config.in_channels, height, width)
 
 
-def save_pretrained(unet: UNet2DModel, scheduler: DDPMScheduler, path: str | os.PathLike) -> None:
-    """Write a diffusers pipeline directory (``unet/``, ``scheduler/``) atomically.
+def save_pretrained(unet: UNet2DModel, scheduler: DDPMScheduler, path: str | os.PathLike,
+                    card: ExportCard | None = None) -> None:
+    """Write a diffusers pipeline directory (``unet/``, ``scheduler/``, and ``card``'s
+    README.md) atomically.
 
     It loads with ``load_pretrained`` and with diffusers' ``DDPMPipeline.from_pretrained``
     (unconditional models).
     """
     with atomic_directory(path) as tmp:
         DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(tmp)
+        if card is not None:
+            card.write(tmp)
 
 
 def predict_noise(

@@ -132,7 +132,7 @@ def generate_forget_set(
     device: str = "auto",
     negative_prompt: str | None = None,
 ) -> ForgetSetRun:
-    """Write ``num_images`` samples of ``prompt`` from a local SD pipeline as a forget set.
+    """Write ``num_images`` samples of ``prompt`` from an SD pipeline as a forget set.
 
     Resumable: images already in ``out_dir`` (listed in its ``metadata.jsonl`` and present)
     are kept, and the missing ones are made; the result is the same as one uninterrupted run.
@@ -239,7 +239,8 @@ def generate_forget_set_command(args: Sequence[str]) -> None:
                     "local Stable Diffusion pipeline directory, written as PNG files with a "
                     "metadata.jsonl (caption, seed and settings of each image). Resumable: "
                     "rerun the same command to finish a killed run or to add images.")
-    parser.add_argument("--pipeline", required=True, help="the pipeline directory")
+    parser.add_argument("--pipeline", required=True,
+                        help="the pipeline directory, or a Hub ID (owner/name[@revision])")
     parser.add_argument("--prompt", required=True, help="what to generate (each image's caption)")
     parser.add_argument("-n", "--num-images", type=int, required=True,
                         help="how many images the folder should hold")

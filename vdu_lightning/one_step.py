@@ -7,6 +7,7 @@ The directory holds ``unet/``, ``scheduler/`` (for ᾱ) and ``model_index.json``
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import torch
 from diffusers import DDPMScheduler, DiffusionPipeline, ImagePipelineOutput, UNet2DModel
@@ -14,6 +15,9 @@ from diffusers import DDPMScheduler, DiffusionPipeline, ImagePipelineOutput, UNe
 from vdu_lightning.diffusion import sample_shape
 from vdu_lightning.files import atomic_directory
 from vdu_lightning.score_distillation import x0_from_epsilon
+
+if TYPE_CHECKING:
+    from vdu_lightning.model_card import ExportCard
 
 
 def one_step_images(unet: torch.nn.Module, alphas_cumprod: torch.Tensor, t_init: int,
@@ -66,7 +70,10 @@ class OneStepGeneratorPipeline(DiffusionPipeline):
                 images = self.numpy_to_pil(images)
         return ImagePipelineOutput(images=images) if return_dict else (images,)
 
-    def save_atomically(self, path: str | os.PathLike) -> None:
-        """``save_pretrained`` into a new directory that replaces ``path`` only when whole."""
+    def save_atomically(self, path: str | os.PathLike, card: ExportCard | None = None) -> None:
+        """``save_pretrained`` (and ``card``'s README.md) into a new directory that replaces
+        ``path`` only when whole."""
         with atomic_directory(path) as tmp:
             self.save_pretrained(tmp, safe_serialization=True)
+            if card is not None:
+                card.write(tmp)

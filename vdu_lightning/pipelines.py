@@ -1,31 +1,37 @@
-"""Local Stable-Diffusion pipeline directories: checked, loaded offline, written atomically.
+"""Stable-Diffusion pipeline directories: checked, loaded from local files, written atomically.
 
 The SD 1.x/2.x layout: ``model_index.json`` and the sub-folders ``unet``, ``vae``,
 ``text_encoder``, ``tokenizer`` and ``scheduler`` (``safety_checker`` and
-``feature_extractor`` are optional and never loaded here). Nothing is downloaded.
+``feature_extractor`` are optional and never loaded here). A Hub ID is first resolved to its
+snapshot in the Hugging Face cache (``vdu_lightning.hub``).
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from diffusers import StableDiffusionPipeline
 
 from vdu_lightning.files import atomic_directory
+from vdu_lightning.hub import resolve_model
+
+if TYPE_CHECKING:
+    from vdu_lightning.model_card import ExportCard
 
 #: The sub-folders a text-to-image pipeline directory must have.
 REQUIRED_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
 def check_pipeline_dir(path: str | os.PathLike) -> Path:
-    """``path`` if it holds a Stable-Diffusion pipeline; else an error naming what is missing.
+    """The local directory of ``path`` (a directory or a Hub ID, see ``vdu_lightning.hub``)
+    if it holds a Stable-Diffusion pipeline; else an error naming what is missing.
 
     Raises:
         FileNotFoundError: the directory, its ``model_index.json`` or a sub-folder is missing.
     """
-    path = Path(path)
+    path = resolve_model(path)
     if not path.is_dir():
         raise FileNotFoundError(f"pipeline directory not found: {path}")
     missing = [part for part in REQUIRED_PARTS if not (path / part).is_dir()]
@@ -49,8 +55,11 @@ def load_pipeline(path: str | os.PathLike, **components: Any) -> StableDiffusion
     )
 
 
-def save_pipeline(pipeline: StableDiffusionPipeline, path: str | os.PathLike) -> None:
-    """Write ``pipeline`` to ``path`` atomically (an earlier directory there stays whole until
-    the new one is complete)."""
+def save_pipeline(pipeline: StableDiffusionPipeline, path: str | os.PathLike,
+                  card: ExportCard | None = None) -> None:
+    """Write ``pipeline`` (and ``card``'s README.md) to ``path`` atomically (an earlier
+    directory there stays whole until the new one is complete)."""
     with atomic_directory(path) as tmp:
         pipeline.save_pretrained(tmp, safe_serialization=True)
+        if card is not None:
+            card.write(tmp)

@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 
 from vdu_lightning.checkpoints import read_unet_weights
 from vdu_lightning.files import atomic_file
+from vdu_lightning.hub import resolve_model, split_hub_id
 
 #: Where the K checkpoints come from (method.md §3); recorded in every prior file.
 CHECKPOINT_SOURCES = ("independent", "trajectory", "finetune")
@@ -258,21 +259,27 @@ class ParameterPrior:
         include: Sequence[str] | None = None,
         min_var: float = DEFAULT_MIN_VAR,
         weights: str = "ema",
+        revision: str | None = None,
+        subfolder: str | None = None,
     ) -> "ParameterPrior":
         """The prior of K checkpoint files or diffusers directories, read one at a time.
 
-        Every file is checked to exist before any is read. See ``read_unet_weights`` for the
-        accepted sources and ``weights``.
+        Every local file is checked to exist before any is read; a Hub ID (``owner/name``,
+        see ``vdu_lightning.hub``) is fetched when its turn comes, so that a lineage of large
+        models never sits in memory at once. ``revision`` applies to Hub IDs, ``subfolder``
+        (e.g. ``unet`` of a Stable Diffusion repository) to every directory. See
+        ``read_unet_weights`` for the accepted sources and ``weights``.
         """
         if source not in CHECKPOINT_SOURCES:
             raise ValueError(f"source must be one of {CHECKPOINT_SOURCES}, got {source!r}")
         if len(paths) < 2:
             raise ValueError(f"a prior needs at least 2 checkpoints, got {len(paths)}")
-        missing = [str(p) for p in paths if not Path(p).exists()]
+        missing = [str(p) for p in paths if not Path(p).exists() and split_hub_id(p) is None]
         if missing:
             raise FileNotFoundError(f"checkpoints not found: {missing}")
-        return cls.from_tensors((read_unet_weights(p, weights) for p in paths), source,
-                                include, min_var)
+        return cls.from_tensors(
+            (read_unet_weights(resolve_model(p, revision, subfolder), weights) for p in paths),
+            source, include, min_var)
 
     # ---- matching a model ---------------------------------------------------------------
     @property

@@ -24,9 +24,10 @@ from vdu_lightning.one_step import OneStepGeneratorPipeline
 TINY_PRETRAIN = str(CONFIGS / "tests" / "tiny_pretrain.yaml")
 TINY_VDU = str(CONFIGS / "tests" / "tiny_vdu.yaml")
 #: Configs that are complete jobs; the others (trainer/, logger/) are presets layered on one.
-#: sd/ is run with tiny stand-ins of its models in test_text_to_image.py.
+#: sd/ and cifar10/ run with tiny stand-ins of their models in test_text_to_image.py and
+#: test_cifar10_configs.py.
 JOB_CONFIGS = sorted(p for p in CONFIGS.rglob("*.yaml")
-                     if p.parent.name not in ("trainer", "logger", "sd"))
+                     if p.parent.name not in ("trainer", "logger", "sd", "cifar10"))
 PRESET_CONFIGS = sorted(p for p in CONFIGS.rglob("*.yaml")
                         if p.parent.name in ("trainer", "logger"))
 

@@ -75,6 +75,12 @@ def test_the_quick_demo_writes_the_report_and_a_second_run_reuses_the_cache(
     assert str(Path(evaluation["second_classifier"])) in text
     assert "bits/dim" in text and "same-seed pixel change" in text
 
+    card = (out / "model" / "README.md").read_text()  # the exported model's card
+    assert "to forget class(es) [3] of the data set `mnist5k`" in card
+    pul = "undefined" if math.isnan(metrics["pul"]) else format(metrics["pul"], ".4g")
+    assert f"| pul | {pul} |" in card
+    assert (out / "model" / "before_after.png").read_bytes() == \
+        (out / "before_after.png").read_bytes()
     pipeline = DDIMPipeline.from_pretrained(out / "model", local_files_only=True)
     images = pipeline(batch_size=2, num_inference_steps=2, output_type="np",
                       generator=torch.Generator().manual_seed(0)).images

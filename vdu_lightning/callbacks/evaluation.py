@@ -99,6 +99,8 @@ class EvaluationCallback(pl.Callback):
         self.dirpath = dirpath
         self.during_fit = during_fit
         self.results: dict[str, Any] = {}
+        #: The latest before/after PNG written (rank 0), shown by the exported model's card.
+        self.picture: Path | None = None
         self._cache_key: tuple | None = None
         self._original: dict[str, Any] | None = None
         self._out_dir: str | None = None
@@ -113,8 +115,7 @@ class EvaluationCallback(pl.Callback):
                           json.dumps(results, indent=2, allow_nan=False) + "\n")
         return results
 
-    @staticmethod
-    def write_side_by_side(trainer: pl.Trainer, left: Tensor, right: Tensor, out: Path,
+    def write_side_by_side(self, trainer: pl.Trainer, left: Tensor, right: Tensor, out: Path,
                            caption: str) -> None:
         """Two grids ([C, H, W] in [0, 1]) side by side: ``samples_step_<step>.png``, and the
         logger's image (W&B, TensorBoard)."""
@@ -122,13 +123,13 @@ class EvaluationCallback(pl.Callback):
         grid = torch.cat([left, gap, right], dim=2)
         path = out / f"samples_step_{trainer.global_step:07d}.png"
         save_grid(grid, path)
-        EvaluationCallback.log_picture(trainer, path, grid, caption)
+        self.log_picture(trainer, path, grid, caption)
 
-    @staticmethod
-    def log_picture(trainer: pl.Trainer, path: Path, grid: Tensor, caption: str) -> None:
+    def log_picture(self, trainer: pl.Trainer, path: Path, grid: Tensor, caption: str) -> None:
         """Give a written PNG (``grid``: the same picture, [C, H, W] in [0, 1]) to the loggers
         that show images: W&B (the file: wandb reads float tensors as 0..255) and
-        TensorBoard."""
+        TensorBoard; keep its path for the exported model's card."""
+        self.picture = path
         step = trainer.global_step
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):

@@ -17,7 +17,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from vdu_lightning.data.datasets import check_image_size
 from vdu_lightning.data.folder import CaptionedImageFolder
-from vdu_lightning.data.registry import dataset_info, load_dataset
+from vdu_lightning.data.hf import HFColumns, read_images
+from vdu_lightning.data.registry import DATASETS, dataset_info, load_dataset
 from vdu_lightning.data.sampling import ResumableShuffle
 from vdu_lightning.seeding import base_seed
 
@@ -26,14 +27,18 @@ class VDUDataModule(pl.LightningDataModule):
     """Base of the project's datamodules: which data set, at which size, in which batches.
 
     Args:
-        dataset: ``mnist5k``, ``digits``, ``mnist``, ``fashion_mnist``, ``cifar10`` or
-            ``folder``.
+        dataset: ``mnist5k``, ``digits``, ``mnist``, ``fashion_mnist``, ``cifar10``,
+            ``folder``, or a Hugging Face dataset (below).
         root: the folder with the files (all but the embedded sets).
         image_size: side of the images; None gives the data set's default.
         batch_size: items per batch on each process.
         num_workers: DataLoader worker processes.
         val_fraction: fraction of each class held out for validation.
         split_seed: seed of the train/validation split.
+        image_column, label_column, caption_column, revision: for a Hugging Face dataset
+            (``dataset`` a Hub ID such as ``uoft-cs/cifar10``, or a local folder that
+            ``datasets`` reads; see ``vdu_lightning.data.hf``): the columns of the images,
+            the integer labels (None: unlabelled) and the captions, and the Hub revision.
     """
 
     def __init__(
@@ -45,17 +50,23 @@ class VDUDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         val_fraction: float = 0.1,
         split_seed: int = 0,
+        image_column: str = "image",
+        label_column: str | None = "label",
+        caption_column: str | None = None,
+        revision: str | None = None,
     ) -> None:
         super().__init__()
-        self.info = dataset_info(dataset)
-        if self.info.needs_root and root is None:
-            raise ValueError(f"dataset {dataset!r} is read from disk: set `root` to its folder")
         if image_size is not None:
             check_image_size(image_size)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
+        self.columns = HFColumns(image_column, label_column, caption_column, revision)
+        # A Hugging Face dataset is opened here: its classes are checked against the config.
+        self.info = dataset_info(dataset, self.columns)
+        if self.info.needs_root and root is None:
+            raise ValueError(f"dataset {dataset!r} is read from disk: set `root` to its folder")
         # Subclass arguments are collected too. A Dataset object is never an hparam: it
         # would be pickled into checkpoints, which then no longer load with weights_only.
         self.save_hyperparameters(ignore=["forget_dataset"])
@@ -79,7 +90,8 @@ class VDUDataModule(pl.LightningDataModule):
         """A part of the configured data set (``train``, ``val`` or ``test``)."""
         hp = self.hparams
         return load_dataset(
-            hp.dataset, hp.root, hp.image_size, split, hp.val_fraction, hp.split_seed
+            hp.dataset, hp.root, hp.image_size, split, hp.val_fraction, hp.split_seed,
+            self.columns,
         )
 
     def loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
@@ -162,6 +174,9 @@ class ForgetSetDataModule(VDUDataModule):
             converted to the data set's channels.
         forget_dataset: instead of classes, any map-style data set whose items are
             ``{"image": [C, H, W] in [-1, 1], "label": int}`` dicts (Python API).
+        forget_where: instead of classes, for a Hugging Face dataset: the rows of its
+            ``train`` split whose columns hold these values (a list: any of them), e.g.
+            ``{"artist": "Claude Monet"}``; captioned with ``caption_column``.
         forget_size: the most forget items used (the data-constrained setting).
         retain_classes: labels of D_r and of the retain evaluation; None: every other class.
         retain_size: the most retain items used for training; 0 trains on D_f alone.
@@ -186,6 +201,7 @@ class ForgetSetDataModule(VDUDataModule):
         forget_classes: Sequence[int] | None = None,
         forget_folder: str | None = None,
         forget_dataset: Dataset | None = None,
+        forget_where: dict[str, Any] | None = None,
         forget_size: int = 500,
         retain_classes: Sequence[int] | None = None,
         retain_size: int = 0,
@@ -198,15 +214,25 @@ class ForgetSetDataModule(VDUDataModule):
         num_workers: int = 0,
         val_fraction: float = 0.1,
         split_seed: int = 0,
+        image_column: str = "image",
+        label_column: str | None = "label",
+        caption_column: str | None = None,
+        revision: str | None = None,
     ) -> None:
-        super().__init__(dataset, root, image_size, batch_size, num_workers, val_fraction,
-                         split_seed)
-        sources = [forget_classes, forget_folder, forget_dataset]
+        sources = [forget_classes, forget_folder, forget_dataset, forget_where]
         if sum(source is not None for source in sources) != 1:
             raise ValueError(
                 "give exactly one forget source: forget_classes (labels), forget_folder (a "
-                "folder of images) or forget_dataset (a Dataset)"
+                "folder of images), forget_dataset (a Dataset) or forget_where (a filter of a "
+                "Hugging Face dataset's rows)"
             )
+        if forget_where is not None and (dataset in DATASETS or not forget_where):
+            raise ValueError("forget_where filters the rows of a Hugging Face dataset (a Hub "
+                             "ID or a local folder) by column values, e.g. {'artist': 'X'}: "
+                             f"give such a dataset and at least one column, not {dataset!r} "
+                             f"and {forget_where!r}")
+        super().__init__(dataset, root, image_size, batch_size, num_workers, val_fraction,
+                         split_seed, image_column, label_column, caption_column, revision)
         if forget_dataset is not None and len(forget_dataset) == 0:
             raise ValueError("forget_dataset is empty: the forget set needs at least one item")
         for name, value, least in (
@@ -250,7 +276,12 @@ class ForgetSetDataModule(VDUDataModule):
             )
 
     def _forget_pool(self) -> Any:
-        """The user-given forget data (folder or data set), or None for forget classes."""
+        """The user-given forget data (folder, data set or filtered rows), or None for forget
+        classes."""
+        if self.hparams.forget_where is not None:
+            return read_images(self.hparams.dataset, "train", self.columns,
+                               self.resolved_image_size, self.channels,
+                               where=self.hparams.forget_where)
         if self.hparams.forget_folder is not None:
             return CaptionedImageFolder(
                 self.hparams.forget_folder, self.resolved_image_size, self.channels
@@ -283,6 +314,8 @@ class ForgetSetDataModule(VDUDataModule):
                 f"the forget set is empty: no training item of dataset {hp.dataset!r} has a "
                 f"label in forget_classes={self.forget_classes}" if given is None else
                 "the forget set is empty: the given forget data hold no item"
+                + (f" (no 'train' row matches forget_where={hp.forget_where})"
+                   if hp.forget_where is not None else "")
             )
         retain_of = torch.tensor(self.retain_classes, dtype=torch.int64)
         self.retain_set = (

@@ -13,7 +13,9 @@ from pathlib import Path
 from vdu_lightning.data.datasets import LabeledImages, stratified_split
 from vdu_lightning.data.embedded import load_digits, load_mnist5k
 from vdu_lightning.data.folder import CaptionedImageFolder
+from vdu_lightning.data.hf import HFColumns, dataset_properties, read_images
 from vdu_lightning.data.local import load_cifar10, load_mnist_like
+from vdu_lightning.hub import split_hub_id
 
 SPLITS = ("train", "val", "test")
 
@@ -39,11 +41,32 @@ DATASETS: dict[str, DatasetInfo] = {
 }
 
 
-def dataset_info(name: str) -> DatasetInfo:
-    """The ``DatasetInfo`` of ``name``; a ValueError lists the known names."""
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
-    return DATASETS[name]
+def dataset_info(name: str, columns: HFColumns | None = None) -> DatasetInfo:
+    """The ``DatasetInfo`` of ``name``: a key of ``DATASETS``, or else a Hugging Face dataset
+    (a Hub ID or a local folder, see ``data.hf``) whose first image and label feature are
+    read; an error lists the known names."""
+    if name in DATASETS:
+        return DATASETS[name]
+    if split_hub_id(name) is None and not Path(name).is_dir():
+        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}; or a "
+                         "Hugging Face dataset: a Hub ID (owner/name) or a local folder")
+    channels, side, classes = dataset_properties(name, columns or HFColumns())
+    return DatasetInfo(channels=channels, image_size=side, classes=classes, needs_root=False)
+
+
+def _hugging_face_part(name: str, image_size: int | None, split: str, val_fraction: float,
+                       split_seed: int, columns: HFColumns) -> LabeledImages:
+    """As ``load_dataset``, for a Hugging Face dataset: its own ``test`` split if it has
+    one, ``train`` and ``val`` a stratified split of its ``train`` split."""
+    info = dataset_info(name, columns)
+    size = image_size or info.image_size
+    if split == "test":
+        test = read_images(name, "test", columns, size, info.channels)
+        if test is not None:
+            return test
+    pool = read_images(name, "train", columns, size, info.channels)
+    train, val = stratified_split(pool.labels, val_fraction, split_seed)
+    return pool.subset(train if split == "train" else val)
 
 
 def _pool(name: str, root: str | Path | None, image_size: int | None, train: bool):
@@ -65,25 +88,31 @@ def load_dataset(
     split: str = "train",
     val_fraction: float = 0.1,
     split_seed: int = 0,
+    columns: HFColumns | None = None,
 ) -> LabeledImages | CaptionedImageFolder:
     """One part of a named data set, with items ``{"image", "label"[, "caption"]}``.
 
     Args:
         name: a key of ``DATASETS`` (``mnist5k``, ``digits``, ``mnist``, ``fashion_mnist``,
-            ``cifar10``, ``folder``).
+            ``cifar10``, ``folder``), or a Hugging Face dataset: a Hub ID or a local folder
+            that ``datasets`` reads (see ``data.hf``).
         root: the folder holding the files; needed by every set but the embedded ones.
         image_size: side of the images; None gives the set's default.
         split: ``train``, ``val`` or ``test``.
         val_fraction: fraction of each class held out for ``val``.
         split_seed: seed of the train/val split (fixed, so runs agree on it).
+        columns: the columns (and revision) of a Hugging Face dataset.
 
     Example:
         >>> len(load_dataset("digits", split="val", val_fraction=0.1))
         179
     """
-    info = dataset_info(name)
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if name not in DATASETS:
+        return _hugging_face_part(name, image_size, split, val_fraction, split_seed,
+                                  columns or HFColumns())
+    info = dataset_info(name)
     if info.needs_root and root is None:
         raise ValueError(f"dataset {name!r} is read from disk: set `root` to its folder")
     has_test_files = info.needs_root and name != "folder"

@@ -22,6 +22,7 @@ from vdu_lightning.diffusion import (
 )
 from vdu_lightning.modules.compat import check_data_fits_model
 from vdu_lightning.modules.noise import NoiseStreams
+from vdu_lightning.model_card import ExportCard, model_card
 
 
 class DiffusionModule(pl.LightningModule):
@@ -37,8 +38,9 @@ class DiffusionModule(pl.LightningModule):
     Args:
         unet: ``UNet2DModel`` keyword arguments (its YAML configuration). Give this or
             ``pretrained``.
-        pretrained: a local diffusers directory (``unet/`` + ``scheduler/``, e.g. a downloaded
-            DDPM) to start from; the schedule arguments are then read from it.
+        pretrained: a diffusers directory (``unet/`` + ``scheduler/``) or a Hub ID such as
+            ``google/ddpm-cifar10-32`` (``vdu_lightning.hub``) to start from; the schedule
+            arguments are then read from it.
         num_classes: number of labels for a label-conditional model; None: unconditional.
         label_dropout: probability of dropping a label during training (conditional only).
         num_train_timesteps, beta_schedule, beta_start, beta_end: the DDPM schedule.
@@ -115,7 +117,7 @@ class DiffusionModule(pl.LightningModule):
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **kwargs: Any) -> "DiffusionModule":
-        """Start from a local diffusers directory (``save_pretrained``'s output, or a download)."""
+        """Start from a diffusers directory (``save_pretrained``'s output) or a Hub ID."""
         return cls(pretrained=str(path), **kwargs)
 
     # ---- properties other parts read ----------------------------------------------------
@@ -198,7 +200,17 @@ class DiffusionModule(pl.LightningModule):
 
     @torch.no_grad()
     def update_ema(self) -> None:
-        """ema ← decay·ema + (1 − decay)·θ, with the decay ramped up over the first steps."""
+        """ema ← decay·ema + (1 − decay)·θ, with the decay ramped up over the first steps.
+
+        Written here rather than taken from a library, on purpose: Lightning's
+        ``EMAWeightAveraging`` swaps the averaged weights into the module for validation and
+        puts them in the checkpoint's ``state_dict`` in place of the raw ones, but the prior
+        callbacks (``PriorSnapshot(weights=raw|ema)``), ``load_diffusion_model(weights=...)``
+        and sampling during training need both sets side by side, under fixed names; it has
+        no warm-up either. diffusers' ``EMAModel`` keeps its shadow weights outside the
+        module, so Lightning would neither move, shard nor checkpoint them, and exact resume
+        would need a state of its own. An ``nn.Module`` copy gets all three for free.
+        """
         step = self.global_step
         decay = min(self.hparams.ema_decay, (1 + step) / (10 + step))
         ema = list(self.ema_unet.parameters())
@@ -254,10 +266,20 @@ class DiffusionModule(pl.LightningModule):
             else guidance_scale,
         )
 
-    def save_pretrained(self, path: str | os.PathLike, use_ema: bool = True) -> None:
-        """Write a diffusers directory (``unet/``, ``scheduler/``) atomically.
+    def save_pretrained(self, path: str | os.PathLike, use_ema: bool = True,
+                        card: ExportCard | None = None) -> None:
+        """Write a diffusers directory (``unet/``, ``scheduler/``, a README card: ``card``
+        or ``model_card()``) atomically.
 
         It loads with ``DiffusionModule.from_pretrained`` and with diffusers'
         ``DDPMPipeline.from_pretrained`` (unconditional models).
         """
-        save_pretrained(self.ema_unet if use_ema else self.unet, self.scheduler, path)
+        save_pretrained(self.ema_unet if use_ema else self.unet, self.scheduler, path,
+                        card or self.model_card(where=str(path)))
+
+    def model_card(self, forget_set: str | None = None, evaluation: dict | None = None,
+                   picture: str | os.PathLike | None = None, where: str = "path/to/this/folder"
+                   ) -> ExportCard:
+        """The README card of this model's export (see ``vdu_lightning.model_card``)."""
+        return model_card(type(self).__name__, "DDPMPipeline", self.hparams,
+                          self.hparams.get("pretrained"), forget_set, evaluation, picture, where)

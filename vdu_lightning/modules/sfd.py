@@ -29,6 +29,7 @@ from vdu_lightning.losses import check_choice
 from vdu_lightning.modules.noise import NoiseStreams
 from vdu_lightning.one_step import OneStepGeneratorPipeline, one_step_images
 from vdu_lightning.score_distillation import fake_score_loss, sid_generator_loss, x0_from_epsilon
+from vdu_lightning.model_card import ExportCard, model_card
 
 OVERRIDES = ("fixed", "random", "classifier")
 
@@ -40,7 +41,8 @@ class SFDModule(pl.LightningModule):
     distilled as the teacher draws it.
 
     Args:
-        teacher: a label-conditional diffusers directory or ``DiffusionModule`` checkpoint.
+        teacher: a label-conditional diffusers directory (or its Hub ID) or a
+            ``DiffusionModule`` checkpoint.
         forget_classes: labels whose images the generator must stop drawing (none: SiD).
         weights: ``ema`` or ``raw`` weights of a ``DiffusionModule`` checkpoint.
         override: ``fixed`` (every c_f becomes ``override_class``), ``random`` (a retained
@@ -162,9 +164,17 @@ class SFDModule(pl.LightningModule):
         return OneStepGeneratorPipeline(self.ema_generator if ema else self.generator,
                                         self.scheduler, self.hparams.t_init)
 
-    def save_pretrained(self, path: str | os.PathLike) -> None:
-        """Write the EMA generator as a ``OneStepGeneratorPipeline`` directory (atomically)."""
-        self.pipeline().save_atomically(path)
+    def save_pretrained(self, path: str | os.PathLike, card: ExportCard | None = None) -> None:
+        """Write the EMA generator as a ``OneStepGeneratorPipeline`` directory with a README
+        card (``card`` or ``model_card()``), atomically."""
+        self.pipeline().save_atomically(path, card or self.model_card(where=str(path)))
+
+    def model_card(self, forget_set: str | None = None, evaluation: dict | None = None,
+                   picture: str | os.PathLike | None = None, where: str = "path/to/this/folder"
+                   ) -> ExportCard:
+        """The README card of this model's export (see ``vdu_lightning.model_card``)."""
+        return model_card(type(self).__name__, "OneStepGeneratorPipeline", self.hparams,
+                          self.hparams.teacher, forget_set, evaluation, picture, where)
 
     # ---- the labels of a step -----------------------------------------------------------------
     def draw_labels(self, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:

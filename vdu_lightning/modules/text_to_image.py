@@ -27,6 +27,7 @@ from vdu_lightning.modules.unlearning import UnlearningModule
 from vdu_lightning.modules.vdu import VDUModule
 from vdu_lightning.pipelines import load_pipeline, save_pipeline
 from vdu_lightning.prior import ParameterPrior, select_names
+from vdu_lightning.model_card import ExportCard, model_card
 
 #: Named parameter subsets of a ``UNet2DConditionModel`` (shell-style name patterns).
 TRAINABLE_SUBSETS = {
@@ -207,21 +208,29 @@ class TextToImageModel:
         raise NotImplementedError("a text-to-image model samples from prompts: use "
                                   "module.pipeline()(prompt, generator=...)")
 
-    def save_pretrained(self, path: str | os.PathLike) -> None:
+    def save_pretrained(self, path: str | os.PathLike, card: ExportCard | None = None) -> None:
         """Write the unlearned pipeline directory (atomically): the pre-trained VAE, text
-        encoder, tokenizer and scheduler with the unlearned UNet."""
-        save_pipeline(self.pipeline(), path)
+        encoder, tokenizer and scheduler with the unlearned UNet, and a README card
+        (``card`` or ``model_card()``)."""
+        save_pipeline(self.pipeline(), path, card or self.model_card(where=str(path)))
+
+    def model_card(self, forget_set: str | None = None, evaluation: dict | None = None,
+                   picture: str | os.PathLike | None = None, where: str = "path/to/this/folder"
+                   ) -> ExportCard:
+        """The README card of this model's export (see ``vdu_lightning.model_card``)."""
+        return model_card(type(self).__name__, "StableDiffusionPipeline", self.hparams,
+                          self.pretrained, forget_set, evaluation, picture, where)
 
 
 class TextToImageVDUModule(TextToImageModel, VDUModule):
-    """Unlearn a feature (a style, a person, a concept) from a local Stable Diffusion pipeline.
+    """Unlearn a feature (a style, a person, a concept) from a Stable Diffusion pipeline.
 
     Batches are forget images with captions (``{"image": [B, 3, H, W] in [-1, 1],
     "caption": [...]}``, e.g. ``ForgetSetDataModule(forget_folder=...)``). Only the UNet
     parameters in ``trainable`` that the prior covers move; a prior over more is cut to them.
 
     Args:
-        pretrained: a local SD 1.x/2.x pipeline directory (never downloaded).
+        pretrained: an SD 1.x/2.x pipeline directory, or its Hub ID (``vdu_lightning.hub``).
         gamma: γ in (0, 1), the weight of the stability term.
         trainable, concept_prompt, cache_latents, gradient_checkpointing: see
             ``TextToImageModel``.
@@ -260,12 +269,12 @@ class TextToImageVDUModule(TextToImageModel, VDUModule):
 
 
 class TextToImageFinetuneModule(TextToImageModel, UnlearningModule):
-    """Fine-tune the ``trainable`` part of a local Stable Diffusion pipeline on its denoising
+    """Fine-tune the ``trainable`` part of a Stable Diffusion pipeline on its denoising
     error: with ``PriorSnapshot(source="finetune", weights="raw")``, K short continuations
     on the model's own generations (``vdu generate-forget-set``) make a prior over that part.
 
     Args:
-        pretrained: a local SD 1.x/2.x pipeline directory (never downloaded).
+        pretrained: an SD 1.x/2.x pipeline directory, or its Hub ID (``vdu_lightning.hub``).
         trainable, concept_prompt, cache_latents, gradient_checkpointing: see
             ``TextToImageModel``.
         **kwargs: the ``UnlearningModule`` arguments (optimizer, lr, ...).

@@ -38,6 +38,7 @@ from vdu_lightning.losses import (
 )
 from vdu_lightning.modules.compat import check_data_fits_model, check_precision
 from vdu_lightning.modules.noise import NoiseStreams
+from vdu_lightning.model_card import ExportCard, model_card
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 
@@ -51,7 +52,8 @@ class UnlearningModule(pl.LightningModule):
     ``{"forget": ..., "retain": ...}`` when the datamodule has a retain set.
 
     Args:
-        pretrained: the model to unlearn: a diffusers directory or a ``DiffusionModule``
+        pretrained: the model to unlearn: a diffusers directory, its Hub ID
+            (``owner/name[@revision]``, see ``vdu_lightning.hub``) or a ``DiffusionModule``
             checkpoint. It must stay readable: the original network is read from it again.
         weights: ``ema`` or ``raw`` weights of a ``DiffusionModule`` checkpoint.
         optimizer: ``adam``, ``adamw`` or ``sgd``; ``lr``, ``weight_decay``, ``betas`` (Adam).
@@ -272,6 +274,15 @@ class UnlearningModule(pl.LightningModule):
         return self.sample_from(seeded_noise(num_images, self.sample_shape, seed, self.device),
                                 **kwargs)
 
-    def save_pretrained(self, path: str | os.PathLike) -> None:
-        """Write the unlearned model as a diffusers directory (atomically)."""
-        save_pretrained(self.unet, self.scheduler, path)
+    def save_pretrained(self, path: str | os.PathLike, card: ExportCard | None = None) -> None:
+        """Write the unlearned model as a diffusers directory with a README card (``card``
+        or ``model_card()``), atomically."""
+        save_pretrained(self.unet, self.scheduler, path,
+                        card or self.model_card(where=str(path)))
+
+    def model_card(self, forget_set: str | None = None, evaluation: dict | None = None,
+                   picture: str | os.PathLike | None = None, where: str = "path/to/this/folder"
+                   ) -> ExportCard:
+        """The README card of this model's export (see ``vdu_lightning.model_card``)."""
+        return model_card(type(self).__name__, "DDPMPipeline", self.hparams,
+                          self.pretrained, forget_set, evaluation, picture, where)

@@ -58,9 +58,9 @@ class VDUModule(UnlearningModule):
     arguments are ``UnlearningModule``'s.
 
     Args:
-        pretrained: the model to unlearn: a diffusers directory (e.g. ``ExportPretrained``'s
-            output) or a ``DiffusionModule`` checkpoint. It must stay readable: loading a
-            VDU checkpoint rebuilds the architecture from it.
+        pretrained: the model to unlearn: a diffusers directory (e.g. the export of
+            ``ExportPretrained``), its Hub ID or a ``DiffusionModule`` checkpoint. It must
+            stay readable: loading a VDU checkpoint rebuilds the architecture from it.
         gamma: γ in (0, 1), the weight of the stability term.
 
     Example:
