@@ -63,40 +63,42 @@ class StepTimer(pl.Callback):
 
 def run_one(device: str, batch_size: int, steps: int) -> dict:
     torch.manual_seed(0)
-    folder = Path(tempfile.mkdtemp())
-    DiffusionModule(unet=CIFAR10_UNET).save_pretrained(folder / "ddpm")
-    module = VDUModule(str(folder / "ddpm"), gamma=0.97, lr=1e-5)
-    generator = torch.Generator().manual_seed(1)
-    module.set_prior(ParameterPrior.from_tensors(
-        [{n: p.detach() + 1e-3 * torch.randn(p.shape, generator=generator)
-          for n, p in module.unet.named_parameters()} for _ in range(3)], "finetune"))
-    images = torch.rand(batch_size * (steps + 1), 3, 32, 32) * 2 - 1
-    loader = DataLoader(LabeledImages(images, torch.ones(len(images), dtype=torch.long)),
-                        batch_size=batch_size, shuffle=True)
-    timer = StepTimer()
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    trainer = pl.Trainer(accelerator=device, devices=1, max_steps=steps + 1, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, limit_val_batches=0, callbacks=[timer])
-    trainer.fit(module, train_dataloaders=loader)
+    with tempfile.TemporaryDirectory() as folder:  # the "pre-trained" model, for this run
+        DiffusionModule(unet=CIFAR10_UNET).save_pretrained(Path(folder) / "ddpm")
+        module = VDUModule(str(Path(folder) / "ddpm"), gamma=0.97, lr=1e-5)
+        generator = torch.Generator().manual_seed(1)
+        module.set_prior(ParameterPrior.from_tensors(
+            [{n: p.detach() + 1e-3 * torch.randn(p.shape, generator=generator)
+              for n, p in module.unet.named_parameters()} for _ in range(3)], "finetune"))
+        images = torch.rand(batch_size * (steps + 1), 3, 32, 32) * 2 - 1
+        loader = DataLoader(LabeledImages(images, torch.ones(len(images), dtype=torch.long)),
+                            batch_size=batch_size, shuffle=True)
+        timer = StepTimer()
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        trainer = pl.Trainer(accelerator=device, devices=1, max_steps=steps + 1, logger=False,
+                             enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False, limit_val_batches=0,
+                             callbacks=[timer])
+        trainer.fit(module, train_dataloaders=loader)
     peak = (torch.cuda.max_memory_allocated() / 2**30 if device == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
     return {"device": device, "batch_size": batch_size,
             "parameters": sum(p.numel() for p in module.unet.parameters()),
             "step_s": statistics.median(timer.times[1:]),  # the first step warms up
-            "peak_gib": peak, "rss_before_gib": rss_before / 2**20}
+            "peak_gib": peak}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-size", nargs="+", type=int, default=[16])
-    parser.add_argument("--steps", type=int, default=3, help="timed steps after a warm-up")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps after a warm-up (>= 1)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.steps < 1:
+        parser.error("--steps must be at least 1")
     if args.one:
         print(json.dumps(run_one(args.device, args.batch_size[0], args.steps)))
         return

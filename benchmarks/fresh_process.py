@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from vdu_lightning.files import atomic_write_text
+
 
 def run_child(command: list[str], **labels: Any) -> dict[str, Any]:
     """Run ``python <command>`` and return the JSON its last stdout line holds; on a failure
@@ -36,4 +38,4 @@ def save_rows(path: str | None, machine: str, rows: list[dict[str, Any]]) -> Non
     """The measurements as JSON at ``path`` (nothing if None)."""
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
+        atomic_write_text(path, json.dumps({"machine": machine, "rows": rows}, indent=1))

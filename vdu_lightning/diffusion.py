@@ -85,9 +85,20 @@ def load_pretrained(path: str | os.PathLike) -> tuple[UNet2DModel, DDPMScheduler
         scheduler = DDPMScheduler.from_pretrained(
             path, subfolder=SCHEDULER_SUBFOLDER, local_files_only=True
         )
+    elif _config_class(path / "scheduler_config.json") in ("DDPMScheduler", "DDIMScheduler"):
+        # A flat repository (a UNet folder with its scheduler's config beside it).
+        scheduler = DDPMScheduler.from_pretrained(path, local_files_only=True)
     else:
         scheduler = build_scheduler()
     return unet, scheduler
+
+
+def _config_class(config_file: Path) -> str | None:
+    """The ``_class_name`` of a diffusers config file, or None if there is none."""
+    try:
+        return json.loads(config_file.read_text(encoding="utf-8")).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _check_unet_folder(folder: Path) -> None:

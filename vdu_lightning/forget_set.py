@@ -159,8 +159,8 @@ def generate_forget_set(
         >>> generate_forget_set("sd-model", "a painting by X", 64, "forget_x")  # doctest: +SKIP
         ForgetSetRun(written=64, already_there=0, beyond_n=0)
     """
-    # Every check runs before the model is loaded (seconds to minutes for a real one).
-    pipeline_dir = check_pipeline_dir(pipeline_dir)
+    # Every check runs before the model is loaded (seconds to minutes for a real one, and a
+    # download for a Hub ID: the arguments are checked before that).
     out = Path(out_dir)
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError(f"prompt must be a non-empty text, got {prompt!r}")
@@ -170,6 +170,7 @@ def generate_forget_set(
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    pipeline_dir = check_pipeline_dir(pipeline_dir)
     default_height, default_width = _default_size(pipeline_dir)
     height = default_height if height is None else height
     width = default_width if width is None else width

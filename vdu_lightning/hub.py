@@ -4,14 +4,17 @@ Every loader of the project reads local files; this module turns a Hub ID
 (``google/ddpm-cifar10-32``, ``owner/name@revision``) into the folder of its snapshot in
 huggingface_hub's cache, downloading what is missing unless ``HF_HUB_OFFLINE=1`` (then the
 cache alone is read, and a miss is an error that names the repository). Only JSON, text and
-safetensors files are fetched: pickled weights (``*.bin``, ``*.ckpt``) never reach the disk
-through here, and the loaders refuse the ones a local folder holds.
+safetensors files are fetched (for a pipeline, of the components its ``model_index.json``
+lists and the project loads): pickled weights (``*.bin``, ``*.ckpt``) and code never reach
+the disk through here. Weights a local folder holds as ``.bin`` are read with
+``torch.load(weights_only=True)``, which refuses pickled objects.
 
 A local path always wins over a Hub ID of the same spelling.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -21,9 +24,11 @@ from huggingface_hub.errors import (
     EntryNotFoundError,
     HfHubHTTPError,
     LocalEntryNotFoundError,
+    HFValidationError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
+from huggingface_hub.utils import validate_repo_id
 
 #: ``owner/name`` as the Hub spells repositories, optionally ``@revision`` (a branch, tag or
 #: commit, as huggingface_hub's file-system paths write it).
@@ -33,6 +38,10 @@ _REPO_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\
 _SAFE_FILES = ["*.json", "*.txt", "*.safetensors", "*.model"]
 #: Alternative copies of the same weights that diffusers would not load by default.
 _VARIANTS = ["*.fp16.*", "*.bf16.*", "*.non_ema.*", "*.ema.*", "*.onnx*", "*.msgpack"]
+#: Pipeline components that no module of the project loads (and that cost ~1.2 GB in SD).
+_UNUSED_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder")
+#: Names that are files, never repositories: a missing checkpoint keeps its own error.
+_FILE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".safetensors", ".json", ".yaml", ".png")
 
 
 class HubModelNotFound(FileNotFoundError):
@@ -41,11 +50,41 @@ class HubModelNotFound(FileNotFoundError):
 
 def split_hub_id(name: str | os.PathLike) -> tuple[str, str | None] | None:
     """``(repo_id, revision)`` when ``name`` is spelt as a Hub ID and no local path has that
-    name; None otherwise."""
-    if Path(name).exists():
+    name; None otherwise (a file name such as ``runs/last.ckpt`` is never an ID)."""
+    if Path(name).exists() or str(name).lower().endswith(_FILE_SUFFIXES):
         return None
     match = _REPO_ID.match(str(name))
-    return (match["repo"], match["revision"]) if match else None
+    if match is None:
+        return None
+    try:
+        validate_repo_id(match["repo"])
+    except HFValidationError:  # e.g. "runs/exp--1": a path, not a repository
+        return None
+    return match["repo"], match["revision"]
+
+
+def fetch_advice(repo_id: str, repo_type: str = "model") -> str:
+    """The command that fills the cache with what the project reads (no pickles)."""
+    kind = "" if repo_type == "model" else f" --repo-type {repo_type}"
+    return f'hf download {repo_id}{kind} --include "*.json" "*.txt" "*.safetensors" ' \
+           '"*.model" "*.parquet" "*.md"'
+
+
+def not_found(what: str, err: Exception, repo_id: str, repo_type: str = "model"
+              ) -> HubModelNotFound:
+    """The error for a Hub name that could not be read, saying what to do."""
+    if isinstance(err, LocalEntryNotFoundError):
+        return HubModelNotFound(
+            f"{what} is not a local path, and not in the Hugging Face cache "
+            f"({constants.HF_HUB_CACHE})" + (
+                ": HF_HUB_OFFLINE=1 reads the cache only. Download it once where there is a "
+                f"network ({fetch_advice(repo_id, repo_type)}), or unset HF_HUB_OFFLINE"
+                if constants.HF_HUB_OFFLINE else f": {err}"))
+    if isinstance(err, (RepositoryNotFoundError, RevisionNotFoundError)):
+        return HubModelNotFound(f"{what} is not a local path, and the Hub has no such "
+                                f"repository or revision (private ones need a token): {err}")
+    return HubModelNotFound(f"{what} is not a local path, and could not be fetched from the "
+                            f"Hub: {err}")
 
 
 def resolve_model(name: str | os.PathLike, revision: str | None = None,
@@ -54,8 +93,8 @@ def resolve_model(name: str | os.PathLike, revision: str | None = None,
 
     Args:
         name: a local path, or a Hub repository ID, optionally with ``@revision``.
-        revision: the branch, tag or commit of a Hub ID (wins over ``@revision``); ignored
-            for a local path.
+        revision: the branch, tag or commit of a Hub ID without ``@revision`` (one that has
+            its own must agree); ignored for a local path.
         subfolder: a part of the model (e.g. ``unet``), inside the local folder or the
             repository; only that part is fetched from the Hub.
 
@@ -67,8 +106,10 @@ def resolve_model(name: str | os.PathLike, revision: str | None = None,
         path = Path(name)
         return path / subfolder if subfolder and path.is_dir() else path
     repo_id, at_revision = hub
-    revision = revision or at_revision
-    folder = Path(_download(repo_id, revision, subfolder))
+    if revision and at_revision and revision != at_revision:
+        raise ValueError(f"{name} names revision {at_revision!r} but revision={revision!r} "
+                         "was given too: give one")
+    folder = Path(_download(repo_id, at_revision or revision, subfolder))
     return folder / subfolder if subfolder else folder
 
 
@@ -76,42 +117,31 @@ def _download(repo_id: str, revision: str | None, subfolder: str | None) -> str:
     where = f"{repo_id}" + (f"@{revision}" if revision else "")
     try:
         if subfolder:
-            return snapshot_download(repo_id, revision=revision,
-                                     allow_patterns=[f"{subfolder}/{p}" for p in _SAFE_FILES],
-                                     ignore_patterns=_VARIANTS)
-        if _is_pipeline(repo_id, revision):
-            # diffusers picks the components of model_index.json, the default variant and
-            # safetensors only (an error names a pipeline that offers none).
-            from diffusers import DiffusionPipeline
-
-            return DiffusionPipeline.download(repo_id, revision=revision, use_safetensors=True)
-        return snapshot_download(repo_id, revision=revision, allow_patterns=_SAFE_FILES,
+            patterns = [f"{subfolder}/{p}" for p in _SAFE_FILES]
+        else:
+            # A pipeline: the components its model_index.json lists (none of the unused
+            # ones), each with the safe patterns, so no component folder brings a pickle.
+            index = _model_index(repo_id, revision)
+            parts = None if index is None else [
+                name for name, value in index.items() if not name.startswith("_")
+                and isinstance(value, list) and name not in _UNUSED_COMPONENTS]
+            patterns = (_SAFE_FILES if parts is None else ["model_index.json"] + [
+                f"{part}/{p}" for part in parts for p in _SAFE_FILES])
+        return snapshot_download(repo_id, revision=revision, allow_patterns=patterns,
                                  ignore_patterns=_VARIANTS)
-    except LocalEntryNotFoundError as err:
-        raise HubModelNotFound(
-            f"{where} is not a local path, and not in the Hugging Face cache "
-            f"({constants.HF_HUB_CACHE})"
-            + (": HF_HUB_OFFLINE=1 reads the cache only. Download it once where there is a "
-               f"network (`hf download {repo_id}`), or unset HF_HUB_OFFLINE"
-               if constants.HF_HUB_OFFLINE else f": {err}")
-        ) from err
-    except (RepositoryNotFoundError, RevisionNotFoundError) as err:
-        raise HubModelNotFound(f"{where} is not a local path, and the Hub has no such "
-                               f"repository or revision (private ones need a token): "
-                               f"{err}") from err
-    except (HfHubHTTPError, OSError) as err:  # diffusers' errors are OSErrors
-        raise HubModelNotFound(f"{where}: could not be fetched from the Hub: {err}") from err
+    except (HfHubHTTPError, OSError) as err:
+        raise not_found(where, err, repo_id) from err
 
 
-def _is_pipeline(repo_id: str, revision: str | None) -> bool:
-    """Whether the repository holds a diffusers pipeline (a ``model_index.json``)."""
+def _model_index(repo_id: str, revision: str | None) -> dict | None:
+    """The repository's ``model_index.json`` (a diffusers pipeline), or None."""
     try:
-        hf_hub_download(repo_id, "model_index.json", revision=revision)
+        path = hf_hub_download(repo_id, "model_index.json", revision=revision)
     except EntryNotFoundError:
         # Also offline and not cached (LocalEntryNotFoundError): no such file, or no such
         # repository in the cache; the snapshot download that follows tells which.
-        return False
-    return True
+        return None
+    return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
 def push_folder(folder: str | os.PathLike, repo_id: str, private: bool = True,

@@ -33,8 +33,12 @@ USAGE = {
     "OneStepGeneratorPipeline": "from vdu_lightning.one_step import OneStepGeneratorPipeline\n\n"
                                 "pipeline = OneStepGeneratorPipeline.from_pretrained({where!r})\n"
                                 "images = pipeline([0, 2, 3]).images  # one step per label",
+    "label-conditional": "import torch\nfrom vdu_lightning import DiffusionModule\n\n"
+                         "model = DiffusionModule.from_pretrained({where!r})\n"
+                         "images = model.sample(4, labels=torch.tensor([0, 1, 2, 3]))",
 }
 PIPELINE_TAGS = {"DDPMPipeline": "unconditional-image-generation",
+                 "label-conditional": "unconditional-image-generation",
                  "StableDiffusionPipeline": "text-to-image",
                  "OneStepGeneratorPipeline": "unconditional-image-generation"}
 
@@ -69,7 +73,8 @@ def model_card(method: str, pipeline_class: str, hyperparameters: Mapping[str, A
             with ``metrics``, ``step`` and ``stage``); None: not evaluated.
         picture: the evaluation's before/after PNG, copied beside the card.
     """
-    hub_base = base_model if base_model and split_hub_id(base_model) else None
+    hub = split_hub_id(base_model) if base_model else None
+    hub_base = hub[0] if hub else None  # the metadata names a repository, not a revision
     data = ModelCardData(library_name="diffusers", pipeline_tag=PIPELINE_TAGS[pipeline_class],
                          base_model=hub_base, tags=["vdu-lightning", "machine-unlearning",
                                                     method.lower()])
@@ -80,6 +85,8 @@ def model_card(method: str, pipeline_class: str, hyperparameters: Mapping[str, A
     lines += ["## How it was made", "", "| hyperparameter | value |", "|---|---|"]
     lines += [f"| {name} | `{_plain(value)}` |" for name, value in sorted(hyperparameters.items())
               if not name.startswith("_")]
+    if hyperparameters.get("num_classes") and pipeline_class == "DDPMPipeline":
+        pipeline_class = "label-conditional"  # DDPMPipeline cannot pass the labels
     lines += ["", "## Evaluation", ""]
     if evaluation and evaluation.get("metrics"):
         lines += [f"At step {evaluation.get('step')} ({evaluation.get('stage')}); "
@@ -104,6 +111,9 @@ def describe_forget_set(datamodule: Any) -> str | None:
     if getattr(datamodule, "forget_classes", None):
         return (f"class(es) {list(datamodule.forget_classes)} of the data set "
                 f"`{hparams.get('dataset')}` (at most {hparams.get('forget_size')} images)")
+    if hparams.get("forget_where"):
+        return (f"the rows of `{hparams.get('dataset')}` where {hparams['forget_where']} (at "
+                f"most {hparams.get('forget_size')})")
     if hparams.get("forget_folder"):
         return (f"the images of the folder `{Path(hparams['forget_folder']).name}` (at most "
                 f"{hparams.get('forget_size')})")
@@ -111,7 +121,9 @@ def describe_forget_set(datamodule: Any) -> str | None:
 
 
 def _plain(value: Any) -> str:
+    """A value as one table cell: JSON, with the characters that would break the row escaped."""
     try:
-        return json.dumps(value)
+        text = json.dumps(value)
     except TypeError:
-        return str(value)
+        text = str(value)
+    return text.replace("|", "\\|").replace("\n", " ")

@@ -264,10 +264,11 @@ class ParameterPrior:
     ) -> "ParameterPrior":
         """The prior of K checkpoint files or diffusers directories, read one at a time.
 
-        Every local file is checked to exist before any is read; a Hub ID (``owner/name``,
-        see ``vdu_lightning.hub``) is fetched when its turn comes, so that a lineage of large
-        models never sits in memory at once. ``revision`` applies to Hub IDs, ``subfolder``
-        (e.g. ``unet`` of a Stable Diffusion repository) to every directory. See
+        Every name is checked (a local file exists; a Hub ID, ``owner/name`` as in
+        ``vdu_lightning.hub``, is fetched into the cache) before any is read; then they are
+        read one at a time, so that a lineage of large models never sits in memory at once.
+        ``revision`` applies to Hub IDs, ``subfolder`` (e.g. ``unet`` of a Stable Diffusion
+        repository) to every directory. See
         ``read_unet_weights`` for the accepted sources and ``weights``.
         """
         if source not in CHECKPOINT_SOURCES:
@@ -277,9 +278,9 @@ class ParameterPrior:
         missing = [str(p) for p in paths if not Path(p).exists() and split_hub_id(p) is None]
         if missing:
             raise FileNotFoundError(f"checkpoints not found: {missing}")
-        return cls.from_tensors(
-            (read_unet_weights(resolve_model(p, revision, subfolder), weights) for p in paths),
-            source, include, min_var)
+        local = [resolve_model(p, revision, subfolder) for p in paths]
+        return cls.from_tensors((read_unet_weights(p, weights) for p in local), source,
+                                include, min_var)
 
     # ---- matching a model ---------------------------------------------------------------
     @property

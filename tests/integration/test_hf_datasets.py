@@ -11,6 +11,7 @@ import torch
 
 from hub_cache import add_to_hub_cache, save_parquet_dataset
 from vdu_lightning import ForgetSetDataModule, ImageDataModule
+from vdu_lightning.data.hf import HFImages
 from vdu_lightning.hub import HubModelNotFound
 
 SIZES = {"train": 80, "test": 20}
@@ -63,6 +64,16 @@ def test_a_forget_set_by_filter_carries_its_captions(tmp_path: Path) -> None:
     assert len(captions) == 40 and set(captions) == {"a photo of 2", "a photo of 3"}
     assert set(data.forget_set.labels.tolist()) == {2, 3}
 
+    # The forget rows are never retained: not in the retain set, not in the retain evaluation.
+    both = ForgetSetDataModule(dataset=folder, image_column="img", caption_column="text",
+                               forget_where={"label": 2}, retain_size=100, eval_size=30)
+    both.setup("fit")
+    assert len(both.forget_set) == 20 and set(both.forget_set.labels.tolist()) == {2}
+    for part in (both.retain_set, both.retain_eval_set):
+        assert len(part) > 0 and 2 not in part.labels.tolist()
+        assert all(part[i]["caption"] != "a photo of 2" for i in range(len(part)))
+    assert isinstance(both.retain_set, HFImages)  # decoded when read, not held as pixels
+
     nothing = ForgetSetDataModule(dataset=folder, image_column="img",
                                   forget_where={"text": "a painting"}, eval_size=5)
     with pytest.raises(ValueError, match=r"the forget set is empty.*no 'train' row matches "
@@ -74,10 +85,18 @@ def test_bad_dataset_input_is_named(tiny_cifar: str, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"has no column \['image'\] \(its columns: "
                                          r"\['img', 'text', 'label'\]\)"):
         ImageDataModule(dataset=tiny_cifar)  # the default image column is "image"
-    with pytest.raises(HubModelNotFound, match=r"dataset someone/absent is not a local folder, "
+    with pytest.raises(HubModelNotFound, match=r"dataset someone/absent is not a local path, "
                                                r"and not in the Hugging Face cache"):
         ImageDataModule(dataset="someone/absent")
     with pytest.raises(ValueError, match="forget_where filters the rows of a Hugging Face"):
         ForgetSetDataModule(dataset="digits", forget_where={"label": 3})
+    with pytest.raises(ValueError, match=r"forget_where names columns \['artist'\] that "
+                                         r"dataset 'someone/tiny-cifar' does not have"):
+        ForgetSetDataModule(dataset=tiny_cifar, image_column="img", forget_where={"artist": 1})
+    with pytest.raises(ValueError, match=r"image_column 'text' of dataset .* holds str, not "
+                                         r"images"):
+        ImageDataModule(dataset=tiny_cifar, image_column="text")
+    with pytest.raises(ValueError, match=r"label_column 'text' must hold integer labels"):
+        ImageDataModule(dataset=tiny_cifar, image_column="img", label_column="text")
     with pytest.raises(ValueError, match=r"classes \[7\] are not in dataset"):
         ForgetSetDataModule(dataset=tiny_cifar, image_column="img", forget_classes=[7])

@@ -123,3 +123,55 @@ def test_a_text_to_image_pipeline_by_id(tmp_path: Path, hub_cache: Path) -> None
     assert [p.read_bytes() for p in sorted(Path("by_id").glob("*.png"))] == \
         [p.read_bytes() for p in sorted(Path("local").glob("*.png"))]
     assert len(list(Path("by_id").glob("*.png"))) == 2
+
+
+def test_names_that_are_files_or_invalid_ids_are_paths_and_revisions_must_agree(
+        tmp_path: Path, hub_cache: Path) -> None:
+    for name in ("runs/last.ckpt", "runs/exp--1", "a/b/c", "/abs/path"):
+        assert split_hub_id(name) is None, name
+    assert split_hub_id("google/ddpm-cifar10-32@v1.0") == ("google/ddpm-cifar10-32", "v1.0")
+    add_to_hub_cache(hub_cache, "someone/tiny-ddpm", _tiny_ddpm(tmp_path / "v0", 0))
+    add_to_hub_cache(hub_cache, "someone/tiny-ddpm", _tiny_ddpm(tmp_path / "v1", 1),
+                     revision="v1")
+    assert resolve_model("someone/tiny-ddpm", revision="v1") == \
+        resolve_model("someone/tiny-ddpm@v1") != resolve_model("someone/tiny-ddpm")
+    with pytest.raises(ValueError, match=r"names revision 'v1' but revision='main' was given"):
+        resolve_model("someone/tiny-ddpm@v1", revision="main")
+
+
+def test_only_safe_files_of_the_loaded_components_are_asked_for(
+        tmp_path: Path, hub_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from vdu_lightning import hub
+
+    asked = []
+    real = hub.snapshot_download
+    monkeypatch.setattr(hub, "snapshot_download",
+                        lambda *a, **kw: asked.append(kw) or real(*a, **kw))
+    folder = save_tiny_sd(tmp_path / "sd", 0)
+    (folder / "model_index.json").write_text(  # as SD repositories list them
+        (folder / "model_index.json").read_text().replace(
+            '"_class_name"', '"safety_checker": ["stable_diffusion", "Checker"], "_class_name"'))
+    add_to_hub_cache(hub_cache, "someone/tiny-sd", folder)
+    resolve_model("someone/tiny-sd")
+    resolve_model("someone/tiny-sd", subfolder="unet")
+    pipeline, unet = (call["allow_patterns"] for call in asked)
+    assert "model_index.json" in pipeline and "unet/*.safetensors" in pipeline
+    assert {p.split("/")[0] for p in pipeline} == {
+        "model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler"}
+    assert all(p.startswith("unet/") for p in unet)
+    for pattern in pipeline + unet:  # never a pickle or code
+        assert not pattern.endswith((".bin", ".ckpt", ".pt", ".pth", ".pkl", ".py", "*")), pattern
+
+
+def test_a_flat_repository_reads_its_scheduler_beside_the_unet(tmp_path: Path) -> None:
+    from diffusers import DDPMScheduler
+
+    from vdu_lightning.diffusion import load_pretrained
+
+    folder = _tiny_ddpm(tmp_path / "pipeline", 0)
+    flat = tmp_path / "flat"
+    (folder / "unet").rename(flat)
+    DDPMScheduler(num_train_timesteps=100, variance_type="fixed_large").save_pretrained(flat)
+    unet, scheduler = load_pretrained(flat)
+    assert scheduler.config.num_train_timesteps == 100
+    assert scheduler.config.variance_type == "fixed_large"

@@ -110,6 +110,7 @@ class EvaluationCallback(pl.Callback):
 
     def write_results(self, out: Path, step: int) -> dict[str, Any]:
         """``self.results`` as ``<out>/evaluation_step_<step>.json`` (numbers made plain)."""
+        self.picture = None  # until this evaluation's own grid is written
         results = json_plain(self.results)
         atomic_write_text(out / f"evaluation_step_{step:07d}.json",
                           json.dumps(results, indent=2, allow_nan=False) + "\n")

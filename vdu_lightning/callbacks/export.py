@@ -88,4 +88,4 @@ class ExportPretrained(pl.Callback):
             forget_set=describe_forget_set(trainer.datamodule),
             evaluation=None if latest is None else json_plain(latest.results),
             picture=picture if picture is not None and Path(picture).is_file() else None,
-            where=self.dirpath)
+            where=self.push_to_hub or self.dirpath)

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from vdu_lightning.data.datasets import check_image_size
 from vdu_lightning.data.folder import CaptionedImageFolder
-from vdu_lightning.data.hf import HFColumns, read_images
+from vdu_lightning.data.hf import HFColumns, check_filter_columns, read_images, read_split
 from vdu_lightning.data.registry import DATASETS, dataset_info, load_dataset
 from vdu_lightning.data.sampling import ResumableShuffle
 from vdu_lightning.seeding import base_seed
@@ -91,7 +91,7 @@ class VDUDataModule(pl.LightningDataModule):
         hp = self.hparams
         return load_dataset(
             hp.dataset, hp.root, hp.image_size, split, hp.val_fraction, hp.split_seed,
-            self.columns,
+            self.columns, exclude=hp.get("forget_where"),  # forget rows are never retained
         )
 
     def loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
@@ -201,7 +201,6 @@ class ForgetSetDataModule(VDUDataModule):
         forget_classes: Sequence[int] | None = None,
         forget_folder: str | None = None,
         forget_dataset: Dataset | None = None,
-        forget_where: dict[str, Any] | None = None,
         forget_size: int = 500,
         retain_classes: Sequence[int] | None = None,
         retain_size: int = 0,
@@ -218,6 +217,7 @@ class ForgetSetDataModule(VDUDataModule):
         label_column: str | None = "label",
         caption_column: str | None = None,
         revision: str | None = None,
+        forget_where: dict[str, Any] | None = None,
     ) -> None:
         sources = [forget_classes, forget_folder, forget_dataset, forget_where]
         if sum(source is not None for source in sources) != 1:
@@ -233,6 +233,9 @@ class ForgetSetDataModule(VDUDataModule):
                              f"and {forget_where!r}")
         super().__init__(dataset, root, image_size, batch_size, num_workers, val_fraction,
                          split_seed, image_column, label_column, caption_column, revision)
+        if forget_where is not None:  # the dataset is open: a wrong column is named now
+            check_filter_columns(dataset, read_split(dataset, "train", self.columns),
+                                 forget_where)
         if forget_dataset is not None and len(forget_dataset) == 0:
             raise ValueError("forget_dataset is empty: the forget set needs at least one item")
         for name, value, least in (

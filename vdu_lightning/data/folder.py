@@ -84,6 +84,24 @@ def _label_of(row: dict | None, root: Path) -> int:
     return label
 
 
+def image_tensor(image: Image.Image, side: int, channels: int) -> Tensor:
+    """A decoded image as ``[channels, side, side]`` float32 in [-1, 1]: resized so that its
+    short side is ``side``, centre-cropped; 16-bit grey read at its depth, not clipped."""
+    deep = image.mode in _GREY_16_BIT_MODES
+    image = image.convert("F" if deep else "RGB" if channels == 3 else "L")
+    scale = side / min(image.size)
+    width = max(side, round(image.width * scale))
+    height = max(side, round(image.height * scale))
+    image = image.resize((width, height), Image.Resampling.BICUBIC)
+    left, top = (width - side) // 2, (height - side) // 2
+    image = image.crop((left, top, left + side, top + side))
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32 if deep else np.uint8).copy())
+    pixels = pixels.permute(2, 0, 1) if pixels.dim() == 3 else pixels.unsqueeze(0)
+    # Grey as RGB is the grey value in every channel (what convert("RGB") does for "L").
+    pixels = pixels.expand(channels, -1, -1)
+    return resize_and_scale(pixels.unsqueeze(0), side, 65535.0 if deep else 255.0)[0]
+
+
 class CaptionedImageFolder(Dataset):
     """Images under ``root`` (searched recursively), each with a caption and a label.
 
@@ -161,21 +179,7 @@ class CaptionedImageFolder(Dataset):
     def load_image(self, index: int) -> Tensor:
         """The ``index``-th image as ``[C, S, S]`` float32 in [-1, 1]."""
         with _open_image(self.files[index]) as opened:
-            # 16-bit grey is read as floats, at its depth.
-            deep = opened.mode in _GREY_16_BIT_MODES
-            image = opened.convert("F" if deep else "RGB" if self.channels == 3 else "L")
-        side = self.image_size
-        scale = side / min(image.size)
-        width = max(side, round(image.width * scale))
-        height = max(side, round(image.height * scale))
-        image = image.resize((width, height), Image.Resampling.BICUBIC)
-        left, top = (width - side) // 2, (height - side) // 2
-        image = image.crop((left, top, left + side, top + side))
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32 if deep else np.uint8).copy())
-        pixels = pixels.permute(2, 0, 1) if pixels.dim() == 3 else pixels.unsqueeze(0)
-        # Grey as RGB is the grey value in every channel (what convert("RGB") does for "L").
-        pixels = pixels.expand(self.channels, -1, -1)
-        return resize_and_scale(pixels.unsqueeze(0), side, 65535.0 if deep else 255.0)[0]
+            return image_tensor(opened, self.image_size, self.channels)
 
     def __getitem__(self, index: int) -> dict[str, Tensor | int | str]:
         return {

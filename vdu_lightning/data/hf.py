@@ -12,16 +12,17 @@ come from ``image_column``, labels from ``label_column`` and captions from
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
+from torch.utils.data import Dataset
 
-from vdu_lightning.data.datasets import LabeledImages, resize_and_scale
-from vdu_lightning.hub import HubModelNotFound, split_hub_id
+from vdu_lightning.data.folder import image_tensor
+from vdu_lightning.hub import not_found, split_hub_id
 
 #: The files fetched for a Hub dataset: its data and its card (whose YAML names the splits).
 DATA_FILES = ["*.parquet", "*.arrow", "*.json", "*.jsonl", "*.csv", "*.md", "*.txt",
@@ -39,23 +40,56 @@ class HFColumns:
     revision: str | None = None
 
 
-class CaptionedImages(LabeledImages):
-    """``LabeledImages`` whose items also carry a ``caption``."""
+class HFImages(Dataset):
+    """Rows of a Hugging Face dataset, each image decoded when its item is read (a large
+    dataset never sits in memory as pixels): items ``{"image": [C, S, S] in [-1, 1], "label",
+    ["caption"]}``; ``labels`` are read up front from their column alone."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor,
-                 captions: Sequence[str]) -> None:
-        super().__init__(images, labels)
-        if len(captions) != len(labels):
-            raise ValueError(f"{len(captions)} captions for {len(labels)} images")
-        self.captions = list(captions)
+    def __init__(self, table: Any, columns: HFColumns, image_size: int, channels: int,
+                 rows: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> None:
+        self.table, self.columns = table, columns
+        self.image_size, self.channels = image_size, channels
+        self.rows = torch.arange(len(table)) if rows is None else rows
+        self.labels = _labels(table, columns) if labels is None else labels
+
+    def __len__(self) -> int:
+        return len(self.rows)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        return {**super().__getitem__(index), "caption": self.captions[index]}
+        row = self.table[int(self.rows[index])]
+        item = {"image": image_tensor(row[self.columns.image], self.image_size, self.channels),
+                "label": int(self.labels[index])}
+        if self.columns.caption is not None:
+            item["caption"] = str(row[self.columns.caption])
+        return item
 
-    def subset(self, indices: torch.Tensor | Sequence[int]) -> CaptionedImages:
+    def subset(self, indices: torch.Tensor | Sequence[int]) -> HFImages:
+        """A view on the chosen items (nothing decoded)."""
         index = torch.as_tensor(indices, dtype=torch.int64).reshape(-1)
-        part = super().subset(index)
-        return CaptionedImages(part.images, part.labels, [self.captions[i] for i in index])
+        return HFImages(self.table, self.columns, self.image_size, self.channels,
+                        self.rows[index], self.labels[index])
+
+    @property
+    def classes(self) -> list[int]:
+        """The distinct labels present, sorted."""
+        return [int(c) for c in torch.unique(self.labels)]
+
+
+def _labels(table: Any, columns: HFColumns) -> torch.Tensor:
+    if columns.label is None:
+        return torch.full((len(table),), -1, dtype=torch.int64)
+    return torch.as_tensor(_integer_labels(list(table[columns.label]), columns),
+                           dtype=torch.int64)
+
+
+def _integer_labels(values: Sequence[Any], columns: HFColumns) -> list[int]:
+    """``values`` if they are all integers, else an error naming the label column."""
+    wrong = [v for v in values if not isinstance(v, int) or isinstance(v, bool)]
+    if wrong:
+        raise ValueError(f"label_column {columns.label!r} must hold integer labels (a "
+                         f"ClassLabel or ints), got e.g. {wrong[0]!r}; set label_column: null "
+                         "for unlabelled data")
+    return list(values)
 
 
 def _datasets() -> Any:
@@ -74,32 +108,33 @@ def dataset_folder(name: str, revision: str | None = None) -> Path:
         if not Path(name).is_dir():
             raise FileNotFoundError(f"dataset folder not found: {name}")
         return Path(name)
-    from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError
 
     repo_id, at_revision = hub
-    where = repo_id + (f"@{revision or at_revision}" if revision or at_revision else "")
+    if revision and at_revision and revision != at_revision:
+        raise ValueError(f"dataset {name} names revision {at_revision!r} but revision="
+                         f"{revision!r} was given too: give one")
+    revision = at_revision or revision
     try:
-        return Path(snapshot_download(repo_id, repo_type="dataset",
-                                      revision=revision or at_revision,
+        return Path(snapshot_download(repo_id, repo_type="dataset", revision=revision,
                                       allow_patterns=DATA_FILES))
-    except LocalEntryNotFoundError as err:
-        raise HubModelNotFound(
-            f"dataset {where} is not a local folder, and not in the Hugging Face cache "
-            f"({constants.HF_HUB_CACHE})" + (
-                ": HF_HUB_OFFLINE=1 reads the cache only. Download it once where there is a "
-                f"network (`hf download {repo_id} --repo-type dataset`)"
-                if constants.HF_HUB_OFFLINE else f": {err}")) from err
     except (HfHubHTTPError, OSError) as err:
-        raise HubModelNotFound(f"dataset {where}: could not be fetched from the Hub: "
-                               f"{err}") from err
+        where = repo_id + (f"@{revision}" if revision else "")
+        raise not_found(f"dataset {where}", err, repo_id, "dataset") from err
+
+
+@functools.lru_cache(maxsize=8)
+def _load_folder(folder: str) -> Any:
+    """``datasets.load_dataset`` of a local folder, once per process (its Arrow files are
+    memory-mapped: nothing is decoded here)."""
+    return _datasets().load_dataset(folder)
 
 
 def read_split(name: str, split: str, columns: HFColumns) -> Any | None:
     """One split of the dataset as a ``datasets.Dataset`` (None if it has no such split),
     its columns checked."""
-    datasets = _datasets()
-    loaded = datasets.load_dataset(str(dataset_folder(name, columns.revision)))
+    loaded = _load_folder(str(dataset_folder(name, columns.revision)))
     if split not in loaded:
         return None
     part = loaded[split]
@@ -121,46 +156,42 @@ def dataset_properties(name: str, columns: HFColumns) -> tuple[int, int, tuple[i
     if len(train) == 0:
         raise ValueError(f"the 'train' split of dataset {name!r} is empty")
     first = train[0][columns.image]
-    channels = 1 if first.mode in ("1", "L", "I", "I;16", "F") else 3
+    if not hasattr(first, "mode"):
+        raise ValueError(f"image_column {columns.image!r} of dataset {name!r} holds "
+                         f"{type(first).__name__}, not images: set image_column")
+    channels = 1 if first.mode in ("1", "L", "I", "F") or first.mode.startswith("I;16") else 3
     classes: tuple[int, ...] = ()
     if columns.label is not None:
         feature = train.features[columns.label]
         classes = (tuple(range(feature.num_classes)) if hasattr(feature, "num_classes")
-                   else tuple(sorted(int(c) for c in train.unique(columns.label))))
-    return channels, first.width, classes
+                   else tuple(sorted(_integer_labels(train.unique(columns.label), columns))))
+    return channels, min(first.size), classes
 
 
 def read_images(name: str, split: str, columns: HFColumns, image_size: int, channels: int,
-                where: Mapping[str, Any] | None = None) -> LabeledImages | None:
-    """The images of ``split`` (rows matching every ``column: value`` of ``where``, a list
-    value meaning any of its items), scaled to [-1, 1] at ``image_size``; captioned if
-    ``columns.caption`` is set. None if the dataset has no such split."""
+                where: Mapping[str, Any] | None = None,
+                exclude: Mapping[str, Any] | None = None) -> HFImages | None:
+    """The images of ``split``, decoded when read, at ``image_size``: the rows matching every
+    ``column: value`` of ``where`` (a list value: any of its items), without those matching
+    ``exclude``; captioned if ``columns.caption`` is set. None if there is no such split."""
     part = read_split(name, split, columns)
     if part is None:
         return None
-    if where:
-        unknown = [c for c in where if c not in part.column_names]
-        if unknown:
-            raise ValueError(f"forget_where names columns {unknown} that dataset {name!r} "
-                             f"does not have (its columns: {part.column_names})")
-        wanted = {c: set(v) if isinstance(v, (list, tuple)) else {v} for c, v in where.items()}
-        part = part.filter(lambda row: all(row[c] in v for c, v in wanted.items()))
-    mode = "L" if channels == 1 else "RGB"
-    pixels = [np.asarray(image.convert(mode)) for image in part[columns.image]]
-    sizes = {p.shape[:2] for p in pixels}
-    if len(sizes) > 1:  # resize_and_scale takes one stack: bring every image to one size
-        from PIL import Image
+    for condition, keep in ((where, True), (exclude, False)):
+        if condition:
+            check_filter_columns(name, part, condition)
+            wanted = [set(v) if isinstance(v, (list, tuple)) else {v}
+                      for v in condition.values()]
+            # Only the filter's columns are read: no image is decoded to filter.
+            part = part.filter(
+                lambda *values: all(v in w for v, w in zip(values, wanted)) == keep,
+                input_columns=list(condition))
+    return HFImages(part, columns, image_size, channels)
 
-        pixels = [np.asarray(Image.fromarray(p).resize((image_size, image_size),
-                                                       Image.Resampling.BICUBIC))
-                  for p in pixels]
-    stacked = (torch.from_numpy(np.stack(pixels)) if pixels
-               else torch.zeros(0, image_size, image_size, dtype=torch.uint8))
-    if stacked.dim() == 4:  # [N, H, W, C] -> [N, C, H, W]
-        stacked = stacked.permute(0, 3, 1, 2)
-    images = resize_and_scale(stacked, image_size, 255)
-    labels = (torch.as_tensor(part[columns.label], dtype=torch.int64)
-              if columns.label is not None else torch.full((len(part),), -1))
-    if columns.caption is not None:
-        return CaptionedImages(images, labels, [str(c) for c in part[columns.caption]])
-    return LabeledImages(images, labels)
+
+def check_filter_columns(name: str, part: Any, condition: Mapping[str, Any]) -> None:
+    """Refuse a filter on columns the dataset does not have, naming those it has."""
+    unknown = [c for c in condition if c not in part.column_names]
+    if unknown:
+        raise ValueError(f"forget_where names columns {unknown} that dataset {name!r} does "
+                         f"not have (its columns: {part.column_names})")

@@ -7,13 +7,15 @@ sets have none, so their ``test`` is the same held-out part as ``val``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from vdu_lightning.data.datasets import LabeledImages, stratified_split
 from vdu_lightning.data.embedded import load_digits, load_mnist5k
 from vdu_lightning.data.folder import CaptionedImageFolder
-from vdu_lightning.data.hf import HFColumns, dataset_properties, read_images
+from vdu_lightning.data.hf import HFColumns, HFImages, dataset_properties, read_images
 from vdu_lightning.data.local import load_cifar10, load_mnist_like
 from vdu_lightning.hub import split_hub_id
 
@@ -55,16 +57,18 @@ def dataset_info(name: str, columns: HFColumns | None = None) -> DatasetInfo:
 
 
 def _hugging_face_part(name: str, image_size: int | None, split: str, val_fraction: float,
-                       split_seed: int, columns: HFColumns) -> LabeledImages:
+                       split_seed: int, columns: HFColumns,
+                       exclude: Mapping[str, Any] | None) -> HFImages:
     """As ``load_dataset``, for a Hugging Face dataset: its own ``test`` split if it has
-    one, ``train`` and ``val`` a stratified split of its ``train`` split."""
+    one, ``train`` and ``val`` a stratified split of its ``train`` split; rows matching
+    ``exclude`` (a ``forget_where``) left out."""
     info = dataset_info(name, columns)
     size = image_size or info.image_size
     if split == "test":
-        test = read_images(name, "test", columns, size, info.channels)
+        test = read_images(name, "test", columns, size, info.channels, exclude=exclude)
         if test is not None:
             return test
-    pool = read_images(name, "train", columns, size, info.channels)
+    pool = read_images(name, "train", columns, size, info.channels, exclude=exclude)
     train, val = stratified_split(pool.labels, val_fraction, split_seed)
     return pool.subset(train if split == "train" else val)
 
@@ -89,7 +93,8 @@ def load_dataset(
     val_fraction: float = 0.1,
     split_seed: int = 0,
     columns: HFColumns | None = None,
-) -> LabeledImages | CaptionedImageFolder:
+    exclude: Mapping[str, Any] | None = None,
+) -> LabeledImages | CaptionedImageFolder | HFImages:
     """One part of a named data set, with items ``{"image", "label"[, "caption"]}``.
 
     Args:
@@ -102,6 +107,7 @@ def load_dataset(
         val_fraction: fraction of each class held out for ``val``.
         split_seed: seed of the train/val split (fixed, so runs agree on it).
         columns: the columns (and revision) of a Hugging Face dataset.
+        exclude: for a Hugging Face dataset, rows to leave out (``column: value``).
 
     Example:
         >>> len(load_dataset("digits", split="val", val_fraction=0.1))
@@ -111,7 +117,7 @@ def load_dataset(
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if name not in DATASETS:
         return _hugging_face_part(name, image_size, split, val_fraction, split_seed,
-                                  columns or HFColumns())
+                                  columns or HFColumns(), exclude)
     info = dataset_info(name)
     if info.needs_root and root is None:
         raise ValueError(f"dataset {name!r} is read from disk: set `root` to its folder")
