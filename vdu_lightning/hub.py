@@ -44,6 +44,10 @@ _UNUSED_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder")
 _FILE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".safetensors", ".json", ".yaml", ".png")
 
 
+#: Snapshot folders resolved in this process, by (repo, revision, subfolder, cache).
+_RESOLVED: dict[tuple[str, str | None, str | None, str], Path] = {}
+
+
 class HubModelNotFound(FileNotFoundError):
     """A name that is neither a local path nor a Hub repository this machine can read."""
 
@@ -99,7 +103,10 @@ def resolve_model(name: str | os.PathLike, revision: str | None = None,
             repository; only that part is fetched from the Hub.
 
     A name that is neither a local path nor spelt as a Hub ID comes back as a path, for the
-    caller's own "not found" error.
+    caller's own "not found" error. A Hub ID is resolved once per process (and cache): every
+    later load in the run (the original network, evaluations, the export) reads the same
+    snapshot without asking the Hub again, so a branch moved mid-run is not seen. A resumed
+    run resolves anew: name a commit (``@<sha>``) to pin it across runs.
     """
     hub = split_hub_id(name)
     if hub is None:
@@ -109,8 +116,21 @@ def resolve_model(name: str | os.PathLike, revision: str | None = None,
     if revision and at_revision and revision != at_revision:
         raise ValueError(f"{name} names revision {at_revision!r} but revision={revision!r} "
                          "was given too: give one")
-    folder = Path(_download(repo_id, at_revision or revision, subfolder))
+    key = (repo_id, at_revision or revision, subfolder, str(constants.HF_HUB_CACHE))
+    if key not in _RESOLVED:
+        _RESOLVED[key] = Path(_download(repo_id, at_revision or revision, subfolder))
+    folder = _RESOLVED[key]
     return folder / subfolder if subfolder else folder
+
+
+def snapshot_commit(name: str | os.PathLike) -> str | None:
+    """The commit a Hub ID resolved to in this process (its snapshot folder's name), or
+    None for a local path or a name not resolved yet."""
+    hub = split_hub_id(name)
+    folders = [] if hub is None else [
+        folder for (repo, revision, _, _), folder in _RESOLVED.items()
+        if repo == hub[0] and revision == hub[1]]
+    return folders[-1].name if folders else None
 
 
 def _download(repo_id: str, revision: str | None, subfolder: str | None) -> str:

@@ -18,7 +18,7 @@ from typing import Any
 from huggingface_hub import ModelCard, ModelCardData
 
 from vdu_lightning.files import atomic_file, atomic_write_text
-from vdu_lightning.hub import split_hub_id
+from vdu_lightning.hub import snapshot_commit, split_hub_id
 
 #: The name of the before/after picture beside the card.
 PICTURE = "before_after.png"
@@ -79,8 +79,10 @@ def model_card(method: str, pipeline_class: str, hyperparameters: Mapping[str, A
                          base_model=hub_base, tags=["vdu-lightning", "machine-unlearning",
                                                     method.lower()])
     lines = [f"# {method} model made with vdu_lightning", ""]
+    commit = snapshot_commit(base_model) if base_model else None
     if base_model:
-        lines += [f"Made from `{base_model}` by `{method}`"
+        lines += [f"Made from `{base_model}`" + (f" (commit `{commit}`)" if commit else "")
+                  + f" by `{method}`"
                   + (f" to forget {forget_set}." if forget_set else "."), ""]
     lines += ["## How it was made", "", "| hyperparameter | value |", "|---|---|"]
     lines += [f"| {name} | `{_plain(value)}` |" for name, value in sorted(hyperparameters.items())

@@ -14,7 +14,7 @@ from huggingface_hub import ModelCard
 from conftest import CONFIGS
 from hub_cache import add_to_hub_cache, save_parquet_dataset
 from vdu_lightning import DiffusionModule, ParameterPrior
-from vdu_lightning.cli import VDUCLI, main
+from vdu_lightning.cli import main
 
 #: A 3-channel UNet of 8x8 images in place of the 35.7 M-parameter original.
 STAND_IN_UNET = {"sample_size": 8, "in_channels": 3, "out_channels": 3,
@@ -35,13 +35,14 @@ def stand_ins(tmp_path: Path, hub_cache: Path) -> None:
         repo_type="dataset")
 
 
-def _small(config: str, tmp_path: Path, trainer: dict, evaluation: dict | None = None) -> str:
-    """The shipped config with a test-sized budget (same structure, smaller numbers)."""
+def _small(config: str, tmp_path: Path, trainer: dict, **callbacks: dict) -> str:
+    """The shipped config with a test-sized budget (same structure, smaller numbers):
+    ``callbacks`` maps a callback's class name to the init_args it changes."""
     content = yaml.safe_load((CONFIGS / "cifar10" / config).read_text())
     content["trainer"].update(trainer, accelerator="cpu", enable_progress_bar=False)
     for callback in content["trainer"].get("callbacks", []):
-        if callback["class_path"].endswith("UnlearningEvaluation"):
-            callback["init_args"].update(evaluation or {})
+        callback.setdefault("init_args", {}).update(
+            callbacks.get(callback["class_path"].rsplit(".", 1)[-1], {}))
     path = tmp_path / f"small_{config}"
     path.write_text(yaml.safe_dump(content))
     return str(path)
@@ -55,24 +56,20 @@ def test_the_cifar10_recipe_runs_from_hub_ids(tmp_path: Path, stand_ins: None) -
           "--model.width=8"])
     assert (tmp_path / "runs/cifar10/classifier/model.safetensors").is_file()
 
-    # The finetune prior's job reads the model and the data by ID and fits them together.
-    prior_job = VDUCLI(args=["--config", str(CONFIGS / "cifar10" / "prior_finetune.yaml")],
-                       run=False)
-    assert prior_job.model.sample_shape == (3, 8, 8) == (prior_job.datamodule.channels,) + (
-        prior_job.datamodule.resolved_image_size,) * 2
-    # Its prior, as three snapshots would give it (600 steps are for a GPU).
-    generator = torch.Generator().manual_seed(1)
-    ParameterPrior.from_tensors(
-        [{n: p.detach() + 1e-3 * torch.randn(p.shape, generator=generator)
-          for n, p in prior_job.model.unet.named_parameters()} for _ in range(3)],
-        "finetune").save(tmp_path / "runs/cifar10/prior_finetune.safetensors")
+    # The finetune prior: three continuations of the model read by ID, on the data by ID.
+    main(["fit", "--config", _small("prior_finetune.yaml", tmp_path, {"max_steps": 6},
+                                    PriorSnapshot={"every_n_steps": 2}),
+          "--data.batch_size=8"])
+    prior = ParameterPrior.load(tmp_path / "runs/cifar10/prior_finetune.safetensors")
+    assert prior.count == 3 and prior.source == "finetune"
 
     # VDU: forget class 1, evaluate during fit, export with the card.
     main(["fit", "--config", _small("vdu.yaml", tmp_path,
                                     {"max_steps": 2, "val_check_interval": 2,
                                      "limit_val_batches": 1},
-                                    {"num_samples": 20, "num_steps": 2, "batch_size": 20,
-                                     "num_reference": 40, "likelihood_timesteps": 2}),
+                                    UnlearningEvaluation={
+                                        "num_samples": 20, "num_steps": 2, "batch_size": 20,
+                                        "num_reference": 40, "likelihood_timesteps": 2}),
           "--data.forget_size=16", "--data.eval_size=8", "--data.batch_size=8"])
     export = tmp_path / "runs/cifar10/vdu_forget1"
     original = DDPMPipeline.from_pretrained(tmp_path / "stand-in-ddpm",

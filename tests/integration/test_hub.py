@@ -175,3 +175,12 @@ def test_a_flat_repository_reads_its_scheduler_beside_the_unet(tmp_path: Path) -
     unet, scheduler = load_pretrained(flat)
     assert scheduler.config.num_train_timesteps == 100
     assert scheduler.config.variance_type == "fixed_large"
+
+
+def test_a_run_keeps_the_snapshot_it_resolved_first(tmp_path: Path, hub_cache: Path) -> None:
+    first = add_to_hub_cache(hub_cache, "someone/moving", _tiny_ddpm(tmp_path / "v0", 0))
+    module = VDUModule("someone/moving")
+    # The branch moves while the run goes on: the run's later loads keep the first commit.
+    moved = add_to_hub_cache(hub_cache, "someone/moving", _tiny_ddpm(tmp_path / "v1", 1))
+    assert moved != first and resolve_model("someone/moving") == first
+    assert _same_weights(module.original_unet, VDUModule(str(tmp_path / "v0")).unet)

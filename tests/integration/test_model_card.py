@@ -80,10 +80,11 @@ def test_the_export_of_an_evaluated_run_carries_its_card_and_grid(tmp_path: Path
 
 def test_an_export_without_evaluation_says_so_and_names_a_hub_base(
         tmp_path: Path, hub_cache: Path) -> None:
-    add_to_hub_cache(hub_cache, "someone/tiny-ddpm", _pretrained(tmp_path / "ddpm"))
+    snapshot = add_to_hub_cache(hub_cache, "someone/tiny-ddpm", _pretrained(tmp_path / "ddpm"))
     _vdu("someone/tiny-ddpm@main").save_pretrained("plain")
     card = ModelCard.load(tmp_path / "plain" / "README.md")
     assert card.data.base_model == "someone/tiny-ddpm"  # the repository, not its revision
+    assert f"Made from `someone/tiny-ddpm@main` (commit `{snapshot.name}`)" in card.text
     assert "Not evaluated in the run that exported it" in card.text
     assert not (tmp_path / "plain" / PICTURE).exists()
 
