@@ -127,16 +127,33 @@ def evaluate(module: Any, data: Any, pretrained: str, classifier_dirs: list[str]
 
 
 def save_before_after(module: Any, classifier_dir: str, forget: int, steps: int, path: str,
-                      count: int = 32) -> None:
+                      count: int = 32, seeds: torch.Tensor | None = None, num: int = 0) -> None:
     """The captioned before/after grid of the first ``count`` seeds (the evaluation's noise),
-    as ``UnlearningEvaluation`` draws it."""
-    noise = seeded_noise(count, module.sample_shape, seed=0)
-    labels = labels_of(module, count)
-    pair = [module.sample_from(noise, original=original, num_steps=steps, labels=labels)
-            for original in (True, False)]
+    as ``UnlearningEvaluation`` draws it; or of the given ``seeds`` (indices into the
+    evaluation's ``num`` noise tensors)."""
+    noise = seeded_noise(max(count, num), module.sample_shape, seed=0)
+    labels = labels_of(module, len(noise))
+    chosen = torch.arange(count) if seeds is None else seeds
+    labels = None if labels is None else labels[chosen]
+    pair = [module.sample_from(noise[chosen], original=original, num_steps=steps,
+                               labels=labels) for original in (True, False)]
     net = load_classifier(classifier_dir)
     picture = before_after_grid(*pair, *(net.predict(images) for images in pair), [forget],
                                 evaluator=Path(classifier_dir).name)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(path) as tmp:
         picture.save(tmp, format="png")
+
+
+def save_forgotten_before_after(module: Any, data: Any, pretrained: str, classifier_dir: str,
+                                steps: int, num: int, path: str, count: int = 24) -> int:
+    """The before/after grid of the first ``count`` of the evaluation's ``num`` seeds whose
+    original sample the evaluator reads as a forgotten class: what PUL counts, up close.
+    Returns how many seeds it shows (0: the original drew none, and no file is written)."""
+    original, _ = original_results(module, pretrained, held_out_parts(data), num, steps)
+    reading = load_classifier(classifier_dir).predict(original)[0].cpu()
+    seeds = torch.isin(reading, torch.tensor(data.forget_classes)).nonzero().flatten()[:count]
+    if len(seeds):
+        save_before_after(module, classifier_dir, data.forget_classes[0], steps, path,
+                          seeds=seeds, num=num)
+    return len(seeds)

@@ -3,6 +3,10 @@
     python benchmarks/vdu_mnist5k.py --prior runs/mnist5k/prior_trajectory.safetensors \
         --gamma 0.9 --max-steps 400 --out runs/bench/trajectory.json
 
+Every option of ``VDUModule`` that shapes the forgetting has a flag (the plasticity residual,
+the hinge, the timestep band, the preconditioner, which parameters move, the target forget
+error); vdu_selectivity.py runs the ablation, classes and seeds through this script.
+
 Needs runs/mnist5k/ddpm (+ the trajectory prior) from configs/mnist5k/pretrain.yaml, the
 two evaluators from configs/mnist5k/classifier.yaml and classifier_lenet.yaml and, for a
 finetune prior, configs/mnist5k/prior_finetune.yaml. Protocol (method.md §4, as
@@ -22,7 +26,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
-from paired_evaluation import evaluate, save_before_after
+from paired_evaluation import evaluate, save_before_after, save_forgotten_before_after
 
 from vdu_lightning import ForgetSetDataModule, VDUModule
 from vdu_lightning.callbacks import CheckpointPrior, UnlearningGuard
@@ -36,10 +40,21 @@ def main() -> None:
                         default=["runs/mnist5k/classifier", "runs/mnist5k/classifier_lenet"])
     parser.add_argument("--prior", required=True)
     parser.add_argument("--forget-class", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0, help="the run's noise and data order")
     parser.add_argument("--gamma", type=float, default=0.9)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--optimizer", default="adam", choices=["adam", "adamw", "sgd"])
     parser.add_argument("--timestep-weighting", default="simple", choices=["simple", "elbo"])
+    parser.add_argument("--residual", default="plain", choices=["plain", "centred"])
+    parser.add_argument("--hinge-factor", type=float, default=None)
+    parser.add_argument("--forget-timesteps", type=int, nargs=2, default=None,
+                        metavar=("LO", "HI"))
+    parser.add_argument("--preconditioner", default="none", choices=["none", "prior"])
+    parser.add_argument("--include", nargs="+", default=None,
+                        help="patterns of the parameters that move (the prior kept over them)")
+    parser.add_argument("--target-forget-loss", type=float, default=None,
+                        help="stop at the first validation (every 20 steps) whose held-out "
+                             "forget error reaches this")
     parser.add_argument("--max-steps", type=int, default=400)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--num-samples", type=int, default=1000)
@@ -48,20 +63,30 @@ def main() -> None:
     parser.add_argument("--grid", default=None,
                         help="also write the captioned before/after grid of the first 32 seeds "
                              "(PNG)")
+    parser.add_argument("--grid-forgotten", default=None,
+                        help="also the grid of the first 24 seeds whose original is the "
+                             "forgotten digit (PNG)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    pl.seed_everything(0)
+    pl.seed_everything(args.seed)
     data = ForgetSetDataModule(dataset="mnist5k", image_size=16, batch_size=args.batch_size,
                                forget_classes=[args.forget_class], forget_size=500)
     module = VDUModule(args.pretrained, gamma=args.gamma, lr=args.lr, optimizer=args.optimizer,
-                       timestep_weighting=args.timestep_weighting)
+                       timestep_weighting=args.timestep_weighting, residual=args.residual,
+                       hinge_factor=args.hinge_factor, forget_timesteps=args.forget_timesteps,
+                       preconditioner=args.preconditioner,
+                       target_forget_loss=args.target_forget_loss)
+    # Validation only to stop on the target forget error.
+    validation = ({"limit_val_batches": 0} if args.target_forget_loss is None else
+                  {"val_check_interval": 20, "check_val_every_n_epoch": None,
+                   "num_sanity_val_steps": 0})
     trainer = pl.Trainer(max_steps=args.max_steps, logger=False, enable_checkpointing=False,
-                         limit_val_batches=0, enable_progress_bar=False,
-                         enable_model_summary=False,
-                         callbacks=[CheckpointPrior(prior=args.prior), UnlearningGuard()])
+                         enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[CheckpointPrior(prior=args.prior, include=args.include),
+                                    UnlearningGuard()], **validation)
     start = time.perf_counter()
     trainer.fit(module, datamodule=data)
     fit_seconds = time.perf_counter() - start
@@ -73,9 +98,13 @@ def main() -> None:
     if args.grid:
         save_before_after(module, args.classifiers[0], args.forget_class, args.sample_steps,
                           args.grid)
+    forgotten_seeds = None if not args.grid_forgotten else save_forgotten_before_after(
+        module, data, args.pretrained, args.classifiers[0], args.sample_steps,
+        args.num_samples, args.grid_forgotten)
     result = {
         "args": vars(args), "fit_seconds": round(fit_seconds, 1),
         "evaluation_seconds": round(evaluation_seconds, 1), "steps": trainer.global_step,
+        "forgotten_grid_seeds": forgotten_seeds,
         **scores, "final_terms": {k: float(v) for k, v in module.loss_terms.items()},
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -60,3 +60,16 @@ TINY_UNET = {
 @pytest.fixture
 def tiny_unet_config() -> dict:
     return dict(TINY_UNET)
+
+
+@pytest.fixture
+def pretrained(tmp_path: Path) -> Path:
+    """A tiny pre-trained DDPM (100 timesteps) exported as a diffusers directory."""
+    import torch
+
+    from vdu_lightning import DiffusionModule
+
+    torch.manual_seed(0)
+    DiffusionModule(unet=dict(TINY_UNET), num_train_timesteps=100,
+                    sample_steps=2).save_pretrained(tmp_path / "ddpm")
+    return tmp_path / "ddpm"

@@ -2,7 +2,8 @@
 
 * ``stability_penalty``: S(θ) = Σ_i (θ_i − μ*_i)² / (2 σ*_i²), the prior's quadratic;
 * ``timestep_weights`` and ``denoising_error``: Σ_t C_t ‖ε − ε_θ(x_t, t)‖², whose negative is
-  the plasticity inducer P(θ).
+  the plasticity inducer P(θ); ``per_example_error`` and ``hinged_error`` for VDU's
+  shift-proof and bounded variants of it.
 
 Both reduce by ``mean`` or ``sum`` (see ``VDUModule`` for why ``mean`` is the default).
 No Lightning here.
@@ -113,8 +114,43 @@ def denoising_error(
     ``weights`` are the C_t of each example's timestep (None: all 1). Computed in float32.
     """
     check_choice("reduction", reduction, REDUCTIONS)
-    squared = (predicted.float() - noise.float()).square().flatten(1)
-    per_example = squared.mean(1) if reduction == "mean" else squared.sum(1)
+    per_example = per_example_error(predicted, noise, reduction=reduction)
     if weights is not None:
         per_example = per_example * weights.to(per_example)
     return per_example.mean() if reduction == "mean" else per_example.sum()
+
+
+def per_example_error(predicted: torch.Tensor, noise: torch.Tensor, centred: bool = False,
+                      reduction: str = "mean") -> torch.Tensor:
+    """‖ε_b − ε̂_b‖² per example (``sum``, or its mean over the pixels for ``mean``), [B].
+
+    ``centred`` subtracts each image's mean residual per channel first: a prediction shifted
+    by the same amount over a whole image (a haze, a global intensity change) then scores
+    nothing, so the error can only be raised by changing the image's content.
+
+    Example:
+        >>> noise = torch.zeros(1, 1, 2, 2)
+        >>> per_example_error(noise + 1.0, noise).item(), per_example_error(
+        ...     noise + 1.0, noise, centred=True).item()
+        (1.0, 0.0)
+    """
+    residual = noise.float() - predicted.float()
+    if centred:
+        residual = residual - residual.mean(dim=tuple(range(2, residual.dim())), keepdim=True)
+    squared = residual.square().flatten(1)
+    return squared.mean(1) if reduction == "mean" else squared.sum(1)
+
+
+def hinged_error(errors: torch.Tensor, reference: torch.Tensor, factor: float) -> torch.Tensor:
+    """min(e, k·e₀) per example: the error ``errors`` counts up to ``factor`` times the
+    original network's error ``reference`` on the same noised input, and no further (its
+    gradient is zero beyond), so raising it cannot run away.
+
+    Example:
+        >>> hinged_error(torch.tensor([1.0, 5.0]), torch.tensor([1.0, 1.0]), 2.0).tolist()
+        [1.0, 2.0]
+    """
+    if not factor > 1.0:
+        raise ValueError(f"the hinge factor must be > 1 (the error may rise to k times the "
+                         f"original's), got {factor!r}")
+    return torch.minimum(errors, factor * reference.to(errors))

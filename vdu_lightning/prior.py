@@ -251,6 +251,26 @@ class ParameterPrior:
             index += 1
         return moments.to_prior(source, min_var)
 
+    def restricted(self, include: Sequence[str]) -> "ParameterPrior":
+        """This prior over the parameters matching the shell-style ``include`` patterns only
+        (exact names match themselves); refused when none match.
+
+        Example:
+            >>> prior = ParameterPrior({"a.w": torch.zeros(2), "b.w": torch.zeros(1)},
+            ...                        {"a.w": torch.ones(2), "b.w": torch.ones(1)}, 2,
+            ...                        "trajectory")
+            >>> prior.restricted(["a.*"]).names, prior.restricted(["a.*"]).numel
+            (['a.w'], 2)
+        """
+        names = select_names(self.names, include)
+        if not names:
+            raise ValueError(f"no prior entry matches include={list(include)}: its names look "
+                             f"like {self.names[:_SHOWN]}")
+        floored = sum(int((self.var[n] <= self.min_var).sum()) for n in names)
+        return ParameterPrior({n: self.mean[n] for n in names}, {n: self.var[n] for n in names},
+                              self.count, self.source, self.min_var, floored,
+                              {n: self.dtypes[n] for n in names})
+
     @classmethod
     def from_checkpoints(
         cls,

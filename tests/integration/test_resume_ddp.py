@@ -20,8 +20,17 @@ MAX_STEPS = 8  # 2 batches an epoch per rank: the job crosses epochs and is kill
 DDP = ("--trainer.strategy=ddp", "--trainer.devices=2")
 
 
+#: VDU's options that keep per-step state or read the original network on every rank: the
+#: hinge (a frozen original per process), the prior preconditioner (its scales, cached), the
+#: centred residual and a timestep band (drawn from each rank's noise stream).
+OPTIONS = ("--model.init_args.optimizer=sgd", "--model.init_args.preconditioner=prior",
+           "--model.init_args.hinge_factor=2", "--model.init_args.residual=centred",
+           "--model.init_args.forget_timesteps=[10,90]")
+
+
+@pytest.mark.parametrize("options", [(), OPTIONS], ids=["method", "options"])
 def test_a_killed_two_process_job_resumes_and_matches_an_uninterrupted_run(
-        tmp_path: Path) -> None:
+        tmp_path: Path, options: tuple[str, ...]) -> None:
     checkpoints = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                    "init_args": {"dirpath": "checkpoints", "save_last": True,
                                  "every_n_train_steps": 1}}
@@ -31,7 +40,7 @@ def test_a_killed_two_process_job_resumes_and_matches_an_uninterrupted_run(
 
     # Its own session, so that one SIGKILL reaches both ranks at once (as a scheduler kills
     # a job); slowed down (results do not depend on it) so that the kill lands part-way.
-    job = subprocess.Popen(vdu_command("fit", "--config", str(config), *DDP,
+    job = subprocess.Popen(vdu_command("fit", "--config", str(config), *DDP, *options,
                                        "--trainer.callbacks+=probes.SlowSteps"),
                            cwd=killed, env=subprocess_env(), start_new_session=True,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -44,8 +53,8 @@ def test_a_killed_two_process_job_resumes_and_matches_an_uninterrupted_run(
             os.killpg(job.pid, signal.SIGKILL)
     assert job.returncode == -signal.SIGKILL and killed_at < MAX_STEPS
 
-    run_vdu("fit", "--config", str(config), *DDP, "--ckpt_path", "last", cwd=killed)
-    run_vdu("fit", "--config", str(config), *DDP, cwd=whole)
+    run_vdu("fit", "--config", str(config), *DDP, *options, "--ckpt_path", "last", cwd=killed)
+    run_vdu("fit", "--config", str(config), *DDP, *options, cwd=whole)
 
     resumed = load_checkpoint(killed / "checkpoints" / "last.ckpt")
     uninterrupted = load_checkpoint(whole / "checkpoints" / "last.ckpt")
@@ -54,3 +63,10 @@ def test_a_killed_two_process_job_resumes_and_matches_an_uninterrupted_run(
     for name, value in uninterrupted["state_dict"].items():
         torch.testing.assert_close(resumed["state_dict"][name], value, rtol=1e-6, atol=1e-7,
                                    msg=lambda m, name=name: f"{name}: {m}")
+    # The options reached the module (and its checkpoint), not only the command line.
+    expected = {"optimizer": "sgd", "preconditioner": "prior", "hinge_factor": 2.0,
+                "residual": "centred", "forget_timesteps": [10, 90]} if options else {
+                    "preconditioner": "none", "hinge_factor": None}
+    for key, value in expected.items():
+        stored = resumed["hyper_parameters"][key]
+        assert (list(stored) if isinstance(stored, tuple) else stored) == value, key

@@ -24,14 +24,6 @@ from vdu_lightning.fisher import diagonal_fisher, fisher_timesteps
 from vdu_lightning.modules.peers.salun import saliency_mask
 
 
-@pytest.fixture
-def pretrained(tmp_path: Path, tiny_unet_config: dict) -> Path:
-    torch.manual_seed(0)
-    DiffusionModule(unet=tiny_unet_config, num_train_timesteps=100,
-                    sample_steps=2).save_pretrained(tmp_path / "ddpm")
-    return tmp_path / "ddpm"
-
-
 def forget_data(**kwargs) -> ForgetSetDataModule:
     kwargs = {"dataset": "digits", "forget_classes": [3], "forget_size": 48, "eval_size": 16,
               "batch_size": 16, **kwargs}

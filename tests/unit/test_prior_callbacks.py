@@ -162,6 +162,29 @@ def test_checkpoint_prior_builds_from_checkpoints_like_the_library_and_can_save_
     assert all(n.startswith("down_") for n in module.prior.names)
 
 
+def test_include_keeps_part_of_a_prior_file_and_only_that_part_moves(
+    tmp_path: Path, tiny_unet_config: dict
+) -> None:
+    torch.manual_seed(0)
+    DiffusionModule(unet=tiny_unet_config).save_pretrained(tmp_path / "model")
+    module = VDUModule(str(tmp_path / "model"), lr=1e-3)
+    start = {n: p.detach().clone() for n, p in module.unet.named_parameters()}
+    snapshots = [{n: p + 1e-2 * torch.randn_like(p) for n, p in start.items()} for _ in range(3)]
+    whole = ParameterPrior.from_tensors(snapshots, "trajectory")
+    whole.save(tmp_path / "whole.safetensors")
+    callback = CheckpointPrior(prior=str(tmp_path / "whole.safetensors"), include=["up_*"])
+    trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, limit_val_batches=0,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         callbacks=[callback])
+    trainer.fit(module, datamodule=ImageDataModule(dataset="digits", batch_size=8))
+    assert module.prior.names == [n for n in whole.names if n.startswith("up_")]
+    assert module.prior.numel < whole.numel
+    for name, parameter in module.unet.named_parameters():
+        assert (not torch.equal(parameter.detach(), start[name])) == name.startswith("up_"), name
+    with pytest.raises(ValueError, match="no prior entry matches include"):
+        whole.restricted(["nothing.*"])
+
+
 def test_checkpoint_prior_needs_exactly_one_source() -> None:
     with pytest.raises(ValueError, match="exactly one of"):
         CheckpointPrior()

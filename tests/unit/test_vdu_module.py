@@ -24,14 +24,6 @@ from vdu_lightning.losses import denoising_error
 UP_BLOCKS = ["up_blocks.*"]
 
 
-@pytest.fixture
-def pretrained(tmp_path: Path, tiny_unet_config: dict) -> Path:
-    torch.manual_seed(0)
-    module = DiffusionModule(unet=tiny_unet_config, num_train_timesteps=100, sample_steps=2)
-    module.save_pretrained(tmp_path / "ddpm")
-    return tmp_path / "ddpm"
-
-
 def make_prior(unet: torch.nn.Module, include=None, spread: float = 1e-2) -> ParameterPrior:
     generator = torch.Generator().manual_seed(1)
     snapshots = [{n: p.detach() + spread * torch.randn(p.shape, generator=generator)

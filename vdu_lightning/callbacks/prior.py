@@ -188,7 +188,8 @@ class CheckpointPrior(pl.Callback):
         prior: a prior file written by ``PriorSnapshot``, ``vdu prior`` or
             ``ParameterPrior.save``.
         source: ``independent``, ``trajectory`` or ``finetune`` (checkpoints only).
-        include: shell-style patterns of parameter names to cover (checkpoints only).
+        include: shell-style patterns of parameter names to cover (from checkpoints, or
+            kept of a prior file): what VDU moves.
         min_var: the variance floor (checkpoints only).
         weights: ``ema`` or ``raw`` weights of ``DiffusionModule`` checkpoints.
         save_to: also write the built prior here (global rank 0), to reuse it.
@@ -226,7 +227,8 @@ class CheckpointPrior(pl.Callback):
     def build(self) -> ParameterPrior:
         """The prior this callback hands over (read or built on every call)."""
         if self.prior_path is not None:
-            return ParameterPrior.load(self.prior_path)
+            prior = ParameterPrior.load(self.prior_path)
+            return prior if self.include is None else prior.restricted(self.include)
         return ParameterPrior.from_checkpoints(self.checkpoints, self.source, self.include,
                                                self.min_var, self.weights)
 

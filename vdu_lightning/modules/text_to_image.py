@@ -245,6 +245,12 @@ class TextToImageVDUModule(TextToImageModel, VDUModule):
                  concept_prompt: str | None = None, cache_latents: bool = False,
                  gradient_checkpointing: bool = False, **kwargs: Any) -> None:
         trainable_patterns(trainable)  # refused before the pipeline is read
+        pixel_only = {"residual": "plain", "hinge_factor": None, "forget_timesteps": None}
+        changed = [name for name, default in pixel_only.items()
+                   if kwargs.get(name, default) != default]
+        if changed:
+            raise ValueError(f"{changed} reshape the plasticity term of pixel-space DDPMs "
+                             f"(VDUModule); {type(self).__name__} uses the method's own")
         super().__init__(pretrained, gamma, **kwargs)
         self._init_text_to_image(trainable)
 
@@ -260,12 +266,7 @@ class TextToImageVDUModule(TextToImageModel, VDUModule):
         if uncovered:
             rank_zero_warn(f"the prior covers {len(keep)} of the {len(keep) + uncovered} "
                            f"trainable tensors ({self.hparams.trainable}): only those move")
-        if len(keep) < len(prior.mean):
-            floored = sum(int((prior.var[n] <= prior.min_var).sum()) for n in keep)
-            prior = ParameterPrior({n: prior.mean[n] for n in keep},
-                                   {n: prior.var[n] for n in keep}, prior.count, prior.source,
-                                   prior.min_var, floored, prior.dtypes)
-        super().set_prior(prior)
+        super().set_prior(prior.restricted(keep) if len(keep) < len(prior.mean) else prior)
 
 
 class TextToImageFinetuneModule(TextToImageModel, UnlearningModule):

@@ -134,11 +134,13 @@ class UnlearningModule(pl.LightningModule):
         """P(θ): minus the denoising error on a forget batch (gradient ascent on it)."""
         return -self.denoising_loss(batch)
 
-    def noised(self, images: torch.Tensor,
-               generator: torch.Generator | None) -> tuple[torch.Tensor, ...]:
-        """(x_t, ε, t) for images noised at t ~ U{0..T−1} with ε ~ N(0, I)."""
-        t = torch.randint(0, len(self.weight_per_timestep), (images.shape[0],),
-                          device=images.device, generator=generator)
+    def noised(self, images: torch.Tensor, generator: torch.Generator | None,
+               timesteps: tuple[int, int] | None = None) -> tuple[torch.Tensor, ...]:
+        """(x_t, ε, t) for images noised at t ~ U{lo..hi−1} with ε ~ N(0, I); ``timesteps``
+        is the band (lo, hi), all of 0..T−1 by default."""
+        low, high = timesteps or (0, len(self.weight_per_timestep))
+        t = torch.randint(low, high, (images.shape[0],), device=images.device,
+                          generator=generator)
         noise = torch.randn(images.shape, device=images.device, generator=generator,
                             dtype=images.dtype)
         return self.scheduler.add_noise(images, noise, t), noise, t
