@@ -11,9 +11,9 @@
 Each run is one process of vdu_mnist5k.py (500 paired samples, DDIM-25, both evaluators, the
 classifier-free measures; one torch thread), written to ``--out-dir/<setting>_c<k>_s<seed>.json``
 and skipped when that file exists, so an interrupted sweep resumes. ``report`` prints the
-ablation table (class 1, seed 0), the per-class table (mean ± sd over seeds) with the issue's
-target checked per class, and draws PUL against the u-FID ratio for every run and, given the
-peers benchmark's JSON, every peer method.
+ablation table (class 1, seed 0), the per-class table (mean ± sd over seeds) with the
+selectivity target checked per class, and draws PUL against the u-FID ratio for every run
+and, given the peers benchmark's JSON, every peer method.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ SETTINGS: dict[str, tuple[str, list[str]]] = {
                         "--prior", FINETUNE]),
 }
 
-#: The issue's target for every class: PUL at least, u-FID ratio and drift at most.
+#: The selectivity target for every class: PUL at least, u-FID ratio and drift at most.
 TARGET = {"pul": 90.0, "u_fid_ratio": 1.25, "retained_drift": 0.10}
 
 
@@ -116,12 +116,12 @@ def run(setting: str, forget_class: int, seed: int, args: argparse.Namespace) ->
 
 
 def launch(jobs: list[tuple[str, int, int]], args: argparse.Namespace) -> None:
-    # The first run of each class alone: it fills the cache of the original's samples.
-    firsts = {job[1]: job for job in reversed(jobs)}
-    for job in firsts.values():
-        run(*job, args)
+    # The first run of each class before the others of that class: it fills the cache of
+    # the original's samples (one entry per class), which the others then read.
+    firsts = list({job[1]: job for job in reversed(jobs)}.values())
     with ThreadPoolExecutor(args.workers) as pool:
-        list(pool.map(lambda job: run(*job, args), jobs))
+        for batch in (firsts, jobs):
+            list(pool.map(lambda job: run(*job, args), batch))
 
 
 def load(out_dir: str) -> list[dict[str, Any]]:
@@ -184,8 +184,9 @@ def class_table(results: list[dict[str, Any]]) -> str:
 def frontier(results: list[dict[str, Any]], peers: list[dict[str, Any]], path: str) -> None:
     """PUL against the u-FID ratio: every VDU run of class 1, and every peer run."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import ScalarFormatter
 
-    figure = Figure(figsize=(7.0, 4.6), layout="constrained")
+    figure = Figure(figsize=(8.5, 4.6), layout="constrained")
     axes = figure.subplots()
     floor = -100.0
     ones = [r for r in results if r["forget_class"] == 1]
@@ -203,15 +204,15 @@ def frontier(results: list[dict[str, Any]], peers: list[dict[str, Any]], path: s
                      color=f"C{index}", marker="s" if not mine[0]["data_constrained"] else "^",
                      s=30, label=f"peer: {method}" + ("" if mine[0]["data_constrained"]
                                                       else " (needs D_r)"))
-    axes.axhspan(0, TARGET["u_fid_ratio"], xmin=0, xmax=1, color="C2", alpha=0.06)
-    axes.axvline(TARGET["pul"], color="C2", linestyle=":",
-                 label="target: PUL ≥ 90, ratio ≤ 1.25")
-    axes.axhline(TARGET["u_fid_ratio"], color="C2", linestyle=":")
+    axes.fill_between([TARGET["pul"], 105], 0.1, TARGET["u_fid_ratio"], color="C2",
+                      alpha=0.15, label="target: PUL ≥ 90, ratio ≤ 1.25")
     axes.set_xlabel(f"PUL (%, VGG-style evaluator; below {floor:.0f} drawn at it)")
-    axes.set_ylabel("u-FID / original's (log)")
+    axes.set_ylabel("u-FID / original's (log scale)")
     axes.set_yscale("log")
+    axes.yaxis.set_major_formatter(ScalarFormatter())
     axes.set_xlim(floor - 5, 105)
-    axes.legend(fontsize=7, loc="upper left")
+    axes.set_ylim(0.5, 20)
+    axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(path) as tmp:
         figure.savefig(tmp, format="png", dpi=110)
