@@ -30,7 +30,7 @@ from vdu_lightning.diffusion import sample_in_batches, sample_shape, seeded_nois
 from vdu_lightning.evaluation.references import retained_reference
 from vdu_lightning.files import atomic_file
 from vdu_lightning.metrics import UnlearnedFID
-from vdu_lightning.one_step import OneStepGeneratorPipeline, one_step_images
+from vdu_lightning.methods.sfd import OneStepGeneratorPipeline, one_step_images
 
 
 def labels_and_noise(num_per_label: int, num_classes: int, shape: tuple[int, ...]

@@ -5,14 +5,15 @@ Three measurements in one process, so that their ratios share the machine's load
 (a) one VDU training step (``VDUModule.objective`` → backward → Adam step, with a
     ``ParameterPrior`` over every parameter) against a plain denoising step on the same batch
     (the same step with the denoising loss alone); steps alternate A B A B … after a warm-up,
-    and the ratio of the medians is reported (method.md §2 wants it ≤ 1.05), with the
+    and the ratio of the medians is reported (docs/method.md §2 wants it ≤ 1.05), with the
     stability term alone (forward + backward) as a fraction of a VDU step;
 (b) ``ParameterPrior.from_checkpoints(paths, "trajectory")`` from K safetensors state dicts
     of the UNet (random perturbations of it): the time and the peak RSS increase of each
     build, each in a fresh process forked from a server that has only imported the code (the
     build's peak is what the kernel's peak-RSS mark shows, reset just before the build), and
-    peak(largest K) / peak(smallest K), which the streaming build keeps near 1 (method.md §3);
-(c) ``vdu_lightning.fisher.diagonal_fisher`` (EWC / Selective Amnesia, method.md §7) on N
+    peak(largest K) / peak(smallest K), which the streaming build keeps near 1 (docs/method.md §3);
+(c) ``vdu_lightning.methods.peers.fisher.diagonal_fisher`` (EWC / Selective Amnesia,
+    docs/method.md §7) on N
     images and its timesteps, against the time of building the prior of the largest K.
 
 The UNet is the mnist5k one (configs/mnist5k/pretrain.yaml, 1.1 M parameters, 16×16), randomly
@@ -48,6 +49,7 @@ import yaml
 from safetensors.torch import save_file
 
 from vdu_lightning import ParameterPrior, VDUModule
+from vdu_lightning.config_files import tiny_unet
 from vdu_lightning.diffusion import (
     build_scheduler,
     build_unet,
@@ -56,16 +58,14 @@ from vdu_lightning.diffusion import (
     save_pretrained,
 )
 from vdu_lightning.files import atomic_write_text
-from vdu_lightning.fisher import diagonal_fisher
+from vdu_lightning.methods.peers.fisher import diagonal_fisher
 
 REPO = Path(__file__).resolve().parents[1]
 PRETRAIN_CONFIG = REPO / "configs" / "mnist5k" / "pretrain.yaml"
-TINY_UNET = {
-    "sample_size": 8, "in_channels": 1, "out_channels": 1, "block_out_channels": [8, 16],
-    "layers_per_block": 1, "down_block_types": ["DownBlock2D", "DownBlock2D"],
-    "up_block_types": ["UpBlock2D", "UpBlock2D"], "norm_num_groups": 4, "add_attention": False,
-}
-#: The largest acceptable VDU step / denoising step (method.md §2: S must stay cheap).
+#: The tests' tiny UNet (configs/tests/tiny_pretrain.yaml) at half its width, as this smoke run
+#: has always timed it: its numbers stay comparable with earlier runs.
+TINY_UNET = tiny_unet(REPO / "configs") | {"block_out_channels": [8, 16], "norm_num_groups": 4}
+#: The largest acceptable VDU step / denoising step (docs/method.md §2: S must stay cheap).
 TARGET_RATIO = 1.05
 #: Per mode: timed pairs, warm-up pairs, the K of (b), Fisher images and timesteps per image.
 DEFAULTS = {
@@ -77,7 +77,8 @@ DEFAULTS = {
 #: The standard deviation of the checkpoints around the initial weights.
 SPREAD = 1e-3
 #: What the processes of (b) import before forking (this script's imports).
-PRELOAD = ["torch", "yaml", "safetensors.torch", "vdu_lightning", "vdu_lightning.fisher"]
+PRELOAD = ["torch", "yaml", "safetensors.torch", "vdu_lightning",
+           "vdu_lightning.methods.peers.fisher"]
 
 
 # ---- the model and its checkpoints -------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The benchmarks' evaluation (method.md §4), the same as ``UnlearningEvaluation``'s.
+"""The benchmarks' evaluation (docs/method.md §4), the same as ``UnlearningEvaluation``'s.
 
 N samples from the same seeded noise (seed 0) by the original and the unlearned model,
 compared by ``vdu_lightning.evaluation.PairedEvaluation`` with both evaluators (PUL, u-FID and

@@ -32,7 +32,7 @@ import torch
 from fresh_process import machine_name, run_child, save_rows
 
 from vdu_lightning.losses import denoising_error, stability_penalty
-from vdu_lightning.modules.text_to_image import TRAINABLE_SUBSETS
+from vdu_lightning.methods.text_to_image.module import TRAINABLE_SUBSETS
 
 SD15_UNET = {
     "sample_size": 64, "cross_attention_dim": 768, "attention_head_dim": 8,

@@ -1,4 +1,4 @@
-"""VDU and its peers (method.md §7) on one pre-trained model, forget set and step budget.
+"""VDU and its peers (docs/method.md §7) on one pre-trained model, forget set and step budget.
 
     python benchmarks/unlearning.py --seeds 0 1 2 --workers 2 \
         --out runs/bench/unlearning.json --plot docs/images/unlearning_pul_vs_ufid.png
@@ -17,7 +17,7 @@ VDU's prior comes from ``PriorSnapshot`` during pre-training: its cost is the ov
 build time, not counted here. ``--model-overrides`` / ``--data-overrides`` (JSON) change
 every method's arguments, e.g. for the test that runs it on a tiny model.
 
-SFD and plain SiD (method.md §6) distil the label-conditional ``--teacher`` into one-step
+SFD and plain SiD (docs/method.md §6) distil the label-conditional ``--teacher`` into one-step
 generators for their configs' number of steps; one_step_evaluation.py scores them against the
 teacher's DDIM-50 (UA, class consistency, u-FID, images per second) in a table of their own.
 """

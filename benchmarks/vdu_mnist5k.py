@@ -9,7 +9,7 @@ error); vdu_selectivity.py runs the ablation, classes and seeds through this scr
 
 Needs runs/mnist5k/ddpm (+ the trajectory prior) from configs/mnist5k/pretrain.yaml, the
 two evaluators from configs/mnist5k/classifier.yaml and classifier_lenet.yaml and, for a
-finetune prior, configs/mnist5k/prior_finetune.yaml. Protocol (method.md §4, as
+finetune prior, configs/mnist5k/prior_finetune.yaml. Protocol (docs/method.md §4, as
 paired_evaluation.py): N samples with the same seeds from the original and the unlearned
 model; each evaluator counts the forgotten digit (PUL) and gives u-FID's features against the
 real retained-class training images; the classifier-free measures beside them; the

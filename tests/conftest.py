@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from vdu_lightning.config_files import tiny_unet
+
 # huggingface_hub reads HF_HUB_OFFLINE once, at import: set it before anything imports it.
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -44,17 +46,9 @@ def hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return cache
 
 
-TINY_UNET = {
-    "sample_size": 8,
-    "in_channels": 1,
-    "out_channels": 1,
-    "block_out_channels": [16, 32],
-    "layers_per_block": 1,
-    "down_block_types": ["DownBlock2D", "DownBlock2D"],
-    "up_block_types": ["UpBlock2D", "UpBlock2D"],
-    "norm_num_groups": 8,
-    "add_attention": False,
-}
+#: The UNet of configs/tests/tiny_pretrain.yaml (8×8, no attention), which the CLI smoke tests
+#: and `vdu demo --quick` train too: one definition of the tests' tiny model.
+TINY_UNET = tiny_unet(CONFIGS)
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch import nn
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
 from tiny_sd import IMAGE_SIZE, _tokenizer
@@ -32,3 +33,18 @@ def save_tiny_clip(path: Path, seed: int = 0) -> Path:
                                          crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
     CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
     return path
+
+
+class PooledCLIP(nn.Module):
+    """torchmetrics 1.9's CLIP score expects tensors from get_*_features, which transformers 5
+    wraps in a ModelOutput (Lightning-AI/torchmetrics#3407): unwrap, nothing else."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model, self.config = model, model.config
+
+    def get_image_features(self, *args: object) -> torch.Tensor:
+        return self.model.get_image_features(*args).pooler_output
+
+    def get_text_features(self, *args: object) -> torch.Tensor:
+        return self.model.get_text_features(*args).pooler_output

@@ -24,9 +24,10 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_info
 
-# Importing the package registers its modules and datamodules, so configs may name them
-# by short class name too.
-import vdu_lightning  # noqa: F401
+import vdu_lightning
+import vdu_lightning.callbacks
+from typing_extensions import override
+
 from vdu_lightning.callbacks.export import ExportPretrained
 from vdu_lightning.callbacks.prior import CheckpointPrior, PriorSnapshot
 from vdu_lightning.checkpoints import WEIGHT_PREFIXES
@@ -40,6 +41,12 @@ from vdu_lightning.prior import (
     check_min_var,
 )
 from vdu_lightning.resume import check_resumable, find_hpc_checkpoint, find_last_checkpoint
+
+# LightningCLI finds a short class name (``--model VDUModule``) among the subclasses imported
+# so far, and the package imports its names lazily: import every public class and callback.
+for _package in (vdu_lightning, vdu_lightning.callbacks):
+    for _name in _package.__all__:
+        getattr(_package, _name)
 
 
 #: The resolved config's name among a W&B run's files, where W&B writes its own run config
@@ -62,6 +69,7 @@ class RunConfigSaver(SaveConfigCallback):
 
     resuming = False
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if not isinstance(trainer.logger, WandbLogger):
             if self.resuming and not self.already_saved:
@@ -311,7 +319,7 @@ def main(args: list[str] | None = None) -> None:
         return
     if argv[:1] == ["generate-forget-set"]:
         # Like the demo: the module is imported only when its command is run.
-        from vdu_lightning.forget_set import generate_forget_set_command
+        from vdu_lightning.methods.text_to_image.forget_set import generate_forget_set_command
 
         generate_forget_set_command(argv[1:])
         return

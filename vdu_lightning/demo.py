@@ -9,14 +9,18 @@ while ``PriorSnapshot`` collects VDU's trajectory prior, (2) train the two evalu
 classifiers, (3) unlearn the digit with ``VDUModule``, (4) evaluate (PUL and u-FID by both
 evaluators, the measures that need no classifier, class histograms, a captioned grid) and
 write the report. Stages 1 and 2 are cached under ``--cache-dir`` by their settings, and so
-are the original model's samples, so a second run starts at stage 3. The full budgets are
-those of configs/mnist5k/{pretrain,classifier,classifier_lenet,vdu}.yaml (a test keeps them
-in step).
+are the original model's samples, so a second run starts at stage 3.
+
+Each run is one of the shipped configs, read when the demo starts (``RUNS``): the model, the
+data, the step budget and the callbacks' settings of configs/mnist5k/{pretrain,classifier,
+classifier_lenet,vdu}.yaml, changed only where ``overrides`` says and by the demo's own paths,
+digit and ``--seed``; so the demo runs what ``vdu fit --config`` runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import hashlib
 import json
@@ -29,6 +33,14 @@ from typing import Any
 
 import lightning.pytorch as pl
 
+from vdu_lightning import (
+    ClassifierModule,
+    DiffusionModule,
+    ForgetSetDataModule,
+    ImageDataModule,
+    ParameterPrior,
+    VDUModule,
+)
 from vdu_lightning.callbacks import (
     CheckpointPrior,
     ExportPretrained,
@@ -36,81 +48,183 @@ from vdu_lightning.callbacks import (
     UnlearningEvaluation,
     UnlearningGuard,
 )
-from vdu_lightning.data import ForgetSetDataModule, ImageDataModule
 from vdu_lightning.callbacks.evaluation import json_plain
+from vdu_lightning.config_files import load_config, tiny_unet
 from vdu_lightning.files import atomic_write_text
 from vdu_lightning.model_card import describe_forget_set
-from vdu_lightning.modules import ClassifierModule, DiffusionModule, VDUModule
-from vdu_lightning.prior import ParameterPrior
 
-#: The pre-training UNet of configs/mnist5k/pretrain.yaml (1.1 M parameters, 16×16).
-MNIST5K_UNET = {
-    "sample_size": 16, "in_channels": 1, "out_channels": 1,
-    "block_out_channels": [32, 64, 64], "layers_per_block": 1,
-    "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D"],
-    "up_block_types": ["UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
-    "norm_num_groups": 8, "attention_head_dim": 16,
+#: Each run of the demo: its config (under configs/) and the model, data and callback classes
+#: the config must name. The demo builds these classes itself (without its paths, logger and
+#: checkpoints), so a config that named others would be a recipe the demo does not run.
+RUNS = {
+    "pretrain": ("mnist5k/pretrain.yaml", "DiffusionModule", "ImageDataModule",
+                 ("PriorSnapshot",)),
+    "classifier": ("mnist5k/classifier.yaml", "ClassifierModule", "ImageDataModule", ()),
+    "second_classifier": ("mnist5k/classifier_lenet.yaml", "ClassifierModule",
+                          "ImageDataModule", ()),
+    "unlearn": ("mnist5k/vdu.yaml", "VDUModule", "ForgetSetDataModule",
+                ("UnlearningGuard", "UnlearningEvaluation")),
 }
-#: A UNet small enough for a CI run (8×8, no attention).
-TINY_UNET = {
-    "sample_size": 8, "in_channels": 1, "out_channels": 1, "block_out_channels": [16, 32],
-    "layers_per_block": 1, "down_block_types": ["DownBlock2D", "DownBlock2D"],
-    "up_block_types": ["UpBlock2D", "UpBlock2D"], "norm_num_groups": 8,
-    "add_attention": False,
+#: The evaluation classifiers (stage 2): their runs, and their folders in the cache.
+CLASSIFIERS = ("classifier", "second_classifier")
+#: What a config's trainer gives the demo: the budget. The rest (devices, logging, checkpoints,
+#: validation during fit) the demo sets itself: one device, no logger, no checkpoint.
+BUDGET_KEYS = ("max_steps", "max_epochs")
+#: The budget's settings by the flat names the report, metrics.json and
+#: notebooks/01_quickstart.ipynb read (``budget.unet``): where each is, as in ``overrides``.
+FIELDS = {
+    "unet": "pretrain.model.unet",
+    "image_size": "pretrain.data.image_size",
+    "pretrain_steps": "pretrain.trainer.max_steps",
+    "pretrain_batch_size": "pretrain.data.batch_size",
+    "pretrain_lr": "pretrain.model.lr",
+    "warmup_steps": "pretrain.model.warmup_steps",
+    "ema_decay": "pretrain.model.ema_decay",
+    "snapshot_every": "pretrain.PriorSnapshot.every_n_steps",
+    "snapshot_start": "pretrain.PriorSnapshot.start_step",
+    "classifier_epochs": "classifier.trainer.max_epochs",
+    "second_classifier_epochs": "second_classifier.trainer.max_epochs",
+    "unlearn_steps": "unlearn.trainer.max_steps",
+    "unlearn_batch_size": "unlearn.data.batch_size",
+    "gamma": "unlearn.model.gamma",
+    "lr": "unlearn.model.lr",
+    "forget_size": "unlearn.data.forget_size",
+    "num_samples": "unlearn.UnlearningEvaluation.num_samples",
+    "sample_steps": "unlearn.UnlearningEvaluation.num_steps",
 }
+
+
+def overrides(budget: str, configs: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Everything the budget ``budget`` (``"full"`` or ``"quick"``) changes in the configs, as
+    ``{"run.section.key": value}``; a section is ``model``, ``data``, ``trainer`` or a
+    callback's class name. ``configs``: the configs folder (default: the checkout's)."""
+    def sampling(steps: int, samples: int) -> dict[str, Any]:
+        # DDIM-25 on 500 samples per model, not vdu.yaml's DDIM-50 on 1,000: the evaluation of
+        # both models in a few minutes on a CPU; VDUModule.sample draws with as many steps.
+        return {"unlearn.model.sample_steps": steps,
+                "unlearn.UnlearningEvaluation.num_steps": steps,
+                "unlearn.UnlearningEvaluation.num_samples": samples}
+
+    if budget == "full":
+        return sampling(steps=25, samples=500)
+    if budget != "quick":
+        raise ValueError(f"budget must be 'full' or 'quick', got {budget!r}")
+    # About a minute on a CPU: the tests' tiny UNet at its own 8×8 size, every budget cut.
+    unet = tiny_unet(configs)
+    return sampling(steps=4, samples=64) | {
+        f"{run}.data.image_size": unet["sample_size"] for run in RUNS} | {
+        "pretrain.model.unet": unet,
+        "pretrain.trainer.max_steps": 40,
+        "pretrain.model.warmup_steps": 5,
+        "pretrain.model.ema_decay": 0.9,
+        "pretrain.PriorSnapshot.every_n_steps": 10,
+        "pretrain.PriorSnapshot.start_step": 10,
+        "classifier.trainer.max_epochs": 1,
+        "second_classifier.trainer.max_epochs": 1,
+        "unlearn.trainer.max_steps": 10,
+        "unlearn.data.batch_size": 16,
+        "unlearn.model.gamma": 0.5,
+        "unlearn.model.lr": 1e-3,
+        "unlearn.data.forget_size": 64,
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One run of the demo: its config's seed and the init args of what the demo builds."""
+
+    config: str
+    seed: int
+    #: By section: ``model``, ``data``, ``trainer`` (the budget) and each callback's class name.
+    init_args: dict[str, dict[str, Any]]
+
+    @classmethod
+    def read(cls, name: str, configs: str | os.PathLike | None = None) -> Run:
+        """The run ``name`` of ``RUNS`` as its config gives it."""
+        config_name, model_class, data_class, callback_classes = RUNS[name]
+        config = load_config(config_name, configs)
+        init_args = {}
+        for section, wanted in (("model", model_class), ("data", data_class)):
+            class_path = config[section]["class_path"]
+            if class_path.rsplit(".", 1)[-1] != wanted:
+                raise ValueError(f"configs/{config_name}: vdu demo runs a {wanted} as its "
+                                 f"{section}, the config names {class_path}")
+            init_args[section] = dict(config[section].get("init_args") or {})
+        trainer = config.get("trainer") or {}
+        init_args["trainer"] = {key: trainer[key] for key in BUDGET_KEYS if key in trainer}
+        callbacks = {c["class_path"].rsplit(".", 1)[-1]: dict(c.get("init_args") or {})
+                     for c in trainer.get("callbacks") or []}
+        for wanted in callback_classes:
+            if wanted not in callbacks:
+                raise ValueError(f"configs/{config_name}: vdu demo needs its {wanted} "
+                                 "callback, the config has none")
+            init_args[wanted] = callbacks[wanted]
+        return cls(config_name, int(config.get("seed_everything") or 0), init_args)
+
+    def args(self, section: str, **changes: Any) -> dict[str, Any]:
+        """The init args of ``section`` with ``changes`` (the demo's paths and digit): a copy,
+        as what is built may keep and change what it is given."""
+        return copy.deepcopy(self.init_args[section]) | changes
 
 
 @dataclasses.dataclass(frozen=True)
 class Budget:
-    """Every setting of a demo run; the pre-training and classifier ones key the cache."""
+    """Every setting of a demo run: ``runs`` by the names of ``RUNS``; the ``FIELDS`` as
+    attributes (``budget.unet``). The pre-training and classifier runs key the cache."""
 
     name: str
-    unet: dict[str, Any]
-    image_size: int
-    pretrain_steps: int
-    pretrain_batch_size: int
-    pretrain_lr: float
-    warmup_steps: int
-    ema_decay: float
-    snapshot_every: int
-    snapshot_start: int
-    classifier_epochs: int
-    second_classifier_epochs: int
-    unlearn_steps: int
-    unlearn_batch_size: int
-    gamma: float
-    lr: float
-    forget_size: int
-    num_samples: int
-    sample_steps: int
+    runs: dict[str, Run]
 
-    def key(self, stage: str, seed: int) -> str:
-        fields = dataclasses.asdict(self)
-        names = {"pretrain": ["unet", "image_size", "pretrain_steps", "pretrain_batch_size",
-                              "pretrain_lr", "warmup_steps", "ema_decay", "snapshot_every",
-                              "snapshot_start"],
-                 "classifier": ["image_size", "classifier_epochs",
-                                "second_classifier_epochs"]}[stage]
-        text = json.dumps({n: fields[n] for n in names} | {"seed": seed}, sort_keys=True)
+    @classmethod
+    def read(cls, name: str, configs: str | os.PathLike | None = None) -> Budget:
+        """The budget ``name``: the configs with its ``overrides``."""
+        runs = {run: Run.read(run, configs) for run in RUNS}
+        for where, value in overrides(name, configs).items():
+            run, section, key = where.split(".")
+            runs[run].init_args[section][key] = value
+        return cls(name, runs)
+
+    def __getattr__(self, name: str) -> Any:
+        if name not in FIELDS or "runs" not in self.__dict__:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        run, section, key = FIELDS[name].split(".")
+        return copy.deepcopy(self.runs[run].init_args[section][key])
+
+    def summary(self) -> dict[str, Any]:
+        """The name and the ``FIELDS``: what the report shows."""
+        return {"name": self.name} | {field: getattr(self, field) for field in FIELDS}
+
+    def with_seed(self, seed: int) -> Budget:
+        """Pre-training and unlearning under ``seed``; the classifiers keep their own, which
+        make them two evaluators that fail in different ways."""
+        return dataclasses.replace(self, runs={
+            name: dataclasses.replace(run, seed=seed) if name in ("pretrain", "unlearn") else run
+            for name, run in self.runs.items()})
+
+    def key(self, stage: str) -> str:
+        names = {"pretrain": ["pretrain"], "classifier": list(CLASSIFIERS)}[stage]
+        text = json.dumps({n: dataclasses.asdict(self.runs[n]) for n in names}, sort_keys=True)
         return f"{stage}-{self.name}-{hashlib.sha256(text.encode()).hexdigest()[:10]}"
 
 
-FULL = Budget(
-    name="full", unet=MNIST5K_UNET, image_size=16, pretrain_steps=2600, pretrain_batch_size=32,
-    pretrain_lr=1e-3, warmup_steps=100, ema_decay=0.995, snapshot_every=100,
-    snapshot_start=1300, classifier_epochs=10, second_classifier_epochs=25,
-    unlearn_steps=120, unlearn_batch_size=32,
-    gamma=0.97, lr=1e-5, forget_size=500, num_samples=500, sample_steps=25,
-)
-QUICK = Budget(
-    name="quick", unet=TINY_UNET, image_size=8, pretrain_steps=40, pretrain_batch_size=32,
-    pretrain_lr=1e-3, warmup_steps=5, ema_decay=0.9, snapshot_every=10, snapshot_start=10,
-    classifier_epochs=1, second_classifier_epochs=1, unlearn_steps=10, unlearn_batch_size=16,
-    gamma=0.5, lr=1e-3, forget_size=64, num_samples=64, sample_steps=4,
-)
+def __getattr__(name: str) -> Any:
+    # FULL, QUICK and EVALUATORS are read from the configs when first asked for, not when the
+    # module is imported: without a configs folder the demo can still say so cleanly.
+    if name in ("FULL", "QUICK"):
+        return Budget.read(name.lower())
+    if name == "EVALUATORS":
+        return evaluators(Budget.read("full"))
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def evaluators(budget: Budget) -> dict[str, tuple[str, int, float]]:
+    """The evaluation classifiers of ``budget``: (architecture, seed, lr) by name."""
+    return {name: (budget.runs[name].init_args["model"]["architecture"],
+                   budget.runs[name].seed, budget.runs[name].init_args["model"]["lr"])
+            for name in CLASSIFIERS}
+
+
 _DONE = "done.json"
-#: The evaluators of configs/mnist5k/classifier{,_lenet}.yaml: (architecture, seed, lr).
-EVALUATORS = {"classifier": ("vgg", 0, 2e-3), "second_classifier": ("lenet", 1, 3e-3)}
 
 
 def default_cache_dir() -> Path:
@@ -122,10 +236,13 @@ class Demo:
     """One demo run: the stages in order, their summaries, and the files they write."""
 
     def __init__(self, budget: Budget, forget_class: int, output: Path, cache_dir: Path,
-                 accelerator: str = "auto", seed: int = 0) -> None:
+                 accelerator: str = "auto", seed: int | None = None) -> None:
         if not 0 <= forget_class <= 9:
             raise ValueError(f"--forget-class must be a digit 0-9, got {forget_class}")
-        self.budget, self.forget_class, self.seed = budget, forget_class, seed
+        self.budget = budget if seed is None else budget.with_seed(seed)
+        self.forget_class = forget_class
+        #: The seed of the unlearning and of the evaluation's noise (vdu.yaml's by default).
+        self.seed = self.budget.runs["unlearn"].seed
         self.output, self.cache_dir, self.accelerator = output, cache_dir, accelerator
         self.summaries: list[str] = []
         self.times: dict[str, float] = {}
@@ -145,7 +262,7 @@ class Demo:
         print(line, flush=True)
 
     def _cached(self, stage: str) -> tuple[Path, dict[str, Any] | None]:
-        folder = self.cache_dir / self.budget.key(stage, self.seed)
+        folder = self.cache_dir / self.budget.key(stage)
         done = folder / _DONE
         return folder, json.loads(done.read_text()) if done.is_file() else None
 
@@ -156,78 +273,70 @@ class Demo:
         if done is not None:
             self.prior_description = done["prior"]
             return f"cached in {folder} ({done['prior']})"
-        b = self.budget
-        pl.seed_everything(self.seed, verbose=False)
-        module = DiffusionModule(unet=dict(b.unet), lr=b.pretrain_lr, warmup_steps=b.warmup_steps,
-                                 ema_decay=b.ema_decay, sample_steps=b.sample_steps)
-        data = ImageDataModule(dataset="mnist5k", image_size=b.image_size,
-                               batch_size=b.pretrain_batch_size)
-        snapshot = PriorSnapshot(path=str(self.prior_path), every_n_steps=b.snapshot_every,
-                                 start_step=b.snapshot_start)
+        run = self.budget.runs["pretrain"]
+        pl.seed_everything(run.seed, verbose=False)
+        module = DiffusionModule(**run.args("model"))
+        data = ImageDataModule(**run.args("data"))
+        snapshot = PriorSnapshot(**run.args("PriorSnapshot", path=str(self.prior_path)))
         trainer = self._trainer([snapshot, ExportPretrained(str(self.model_dir))],
-                                max_steps=b.pretrain_steps, limit_val_batches=0)
+                                **run.args("trainer"), limit_val_batches=0)
         trainer.fit(module, datamodule=data)
         self.prior_description = ParameterPrior.load(self.prior_path).describe()
         atomic_write_text(folder / _DONE, json.dumps({"prior": self.prior_description}))
-        return f"{b.pretrain_steps} steps, exported to {self.model_dir}; {self.prior_description}"
+        return (f"{run.init_args['trainer']['max_steps']} steps, exported to {self.model_dir}; "
+                f"{self.prior_description}")
 
     # ---- stage 2: the two evaluation classifiers ----------------------------------------------
     def classifier(self) -> str:
         folder, done = self._cached("classifier")
-        self.classifier_dirs = {name: folder / name for name in EVALUATORS}
+        self.classifier_dirs = {name: folder / name for name in CLASSIFIERS}
         if done is not None:
             return f"cached in {folder} (held-out accuracy {self._accuracies(done)})"
-        b = self.budget
-        epochs = {"classifier": b.classifier_epochs,
-                  "second_classifier": b.second_classifier_epochs}
         accuracies = {}
-        for name, (architecture, seed, lr) in EVALUATORS.items():
-            pl.seed_everything(seed, verbose=False)
-            module = ClassifierModule(in_channels=1, num_classes=10, width=32, lr=lr,
-                                      architecture=architecture)
-            data = ImageDataModule(dataset="mnist5k", image_size=b.image_size, batch_size=128)
+        for name in CLASSIFIERS:
+            run = self.budget.runs[name]
+            pl.seed_everything(run.seed, verbose=False)
+            module = ClassifierModule(**run.args("model"))
+            data = ImageDataModule(**run.args("data"))
             trainer = self._trainer([ExportPretrained(str(self.classifier_dirs[name]))],
-                                    max_epochs=epochs[name])
+                                    **run.args("trainer"))
             trainer.fit(module, datamodule=data)
             accuracies[name] = float(trainer.callback_metrics["val/acc"])
         atomic_write_text(folder / _DONE, json.dumps({"accuracy": accuracies}))
         return (f"held-out accuracy {self._accuracies({'accuracy': accuracies})}, exported to "
                 f"{folder}")
 
-    @staticmethod
-    def _accuracies(done: dict[str, Any]) -> str:
-        return ", ".join(f"{value:.1%} ({EVALUATORS[name][0]})"
+    def _accuracies(self, done: dict[str, Any]) -> str:
+        architectures = {name: architecture for name, (architecture, _, _)
+                         in evaluators(self.budget).items()}
+        return ", ".join(f"{value:.1%} ({architectures[name]})"
                          for name, value in done["accuracy"].items())
 
     # ---- stage 3: VDU -------------------------------------------------------------------------
     def unlearn(self) -> str:
-        b = self.budget
-        pl.seed_everything(self.seed, verbose=False)
-        self.data = ForgetSetDataModule(dataset="mnist5k", image_size=b.image_size,
-                                        forget_classes=[self.forget_class],
-                                        forget_size=b.forget_size,
-                                        batch_size=b.unlearn_batch_size)
-        self.module = VDUModule(str(self.model_dir), gamma=b.gamma, lr=b.lr,
-                                sample_steps=b.sample_steps)
-        trainer = self._trainer([CheckpointPrior(prior=str(self.prior_path)), UnlearningGuard()],
-                                max_steps=b.unlearn_steps, limit_val_batches=0)
+        run = self.budget.runs["unlearn"]
+        pl.seed_everything(run.seed, verbose=False)
+        self.data = ForgetSetDataModule(**run.args("data", forget_classes=[self.forget_class]))
+        self.module = VDUModule(**run.args("model", pretrained=str(self.model_dir)))
+        trainer = self._trainer([CheckpointPrior(prior=str(self.prior_path)),
+                                 UnlearningGuard(**run.args("UnlearningGuard"))],
+                                **run.args("trainer"), limit_val_batches=0)
         trainer.fit(self.module, datamodule=self.data)
         terms = {k: float(v) for k, v in self.module.loss_terms.items()}
-        return (f"{b.unlearn_steps} steps on {len(self.data.forget_set)} images of digit "
+        return (f"{run.init_args['trainer']['max_steps']} steps on {len(self.data.forget_set)} "
+                f"images of digit "
                 f"{self.forget_class}; last stability {terms['stability']:.3g}, "
                 f"plasticity {terms['plasticity']:.3g}")
 
     # ---- stage 4: evaluation and the report --------------------------------------------------
     def evaluate(self) -> str:
-        b = self.budget
+        run = self.budget.runs["unlearn"]
         self.output.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=self.output, prefix=".evaluation-") as scratch:
-            evaluation = UnlearningEvaluation(
-                classifier=str(self.classifier_dirs["classifier"]),
+            evaluation = UnlearningEvaluation(**run.args(
+                "UnlearningEvaluation", classifier=str(self.classifier_dirs["classifier"]),
                 second_classifier=str(self.classifier_dirs["second_classifier"]),
-                num_samples=b.num_samples, seed=self.seed, num_steps=b.sample_steps,
-                batch_size=250, grid_images=32, cache_dir=str(self.cache_dir / "evaluation"),
-                dirpath=scratch)
+                seed=self.seed, cache_dir=str(self.cache_dir / "evaluation"), dirpath=scratch))
             self._trainer([evaluation]).validate(self.module, datamodule=self.data,
                                                  verbose=False)
             self.results = evaluation.results
@@ -251,7 +360,7 @@ class Demo:
         self._stage(3, f"unlearn digit {self.forget_class} with VDU", self.unlearn)
         self._stage(4, "evaluate and write the report", self.evaluate)
         report = {
-            "forget_class": self.forget_class, "budget": dataclasses.asdict(self.budget),
+            "forget_class": self.forget_class, "budget": self.budget.summary(),
             "seed": self.seed, "evaluation": self.results, "stage_seconds": self.times,
             "total_seconds": round(time.perf_counter() - start, 1),
             "prior": self.prior_description,
@@ -414,18 +523,26 @@ def demo_command(args: list[str]) -> None:
     parser.add_argument("--accelerator", default="auto", help="cpu, gpu, auto, ...")
     parser.add_argument("--cache-dir", default=None,
                         help=f"cache of stages 1-2 (default {default_cache_dir()})")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=None,
+                        help="seed of pre-training and unlearning (default: their configs' "
+                             "seed_everything, 0)")
+    parser.add_argument("--configs", default=None,
+                        help="the configs/ folder whose mnist5k runs the demo runs (default: "
+                             "the one beside the package, in a source checkout)")
     options = parser.parse_args(args)
     output = Path(options.output)
     if output.exists() and not output.is_dir():
         parser.exit(2, f"vdu demo: error: --output {output} exists and is not a directory\n")
     try:
-        demo = Demo(QUICK if options.quick else FULL, options.forget_class, output,
+        budget = Budget.read("quick" if options.quick else "full", options.configs)
+        demo = Demo(budget, options.forget_class, output,
                     Path(options.cache_dir) if options.cache_dir else default_cache_dir(),
                     options.accelerator, options.seed)
-    except ValueError as err:
+    except (FileNotFoundError, ValueError) as err:
         parser.exit(2, f"vdu demo: error: {err}\n")
     demo.run()
 
 
-__all__ = ["FULL", "QUICK", "Budget", "Demo", "demo_command", "render_report"]
+# EVALUATORS, FULL and QUICK are the module's __getattr__'s, which flake8 cannot see.
+__all__ = ["EVALUATORS", "FULL", "QUICK", "RUNS", "Budget", "Demo", "Run",  # noqa: F822
+           "demo_command", "evaluators", "overrides", "render_report"]

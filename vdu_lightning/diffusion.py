@@ -1,4 +1,5 @@
-"""Pure torch/diffusers pieces: building and loading UNets, noise prediction, DDIM sampling.
+"""Pure torch/diffusers pieces: building and loading UNets, noising, noise prediction, EMA
+weights, DDIM sampling.
 
 No Lightning here: the LightningModules compose these functions.
 """
@@ -192,6 +193,40 @@ def predict_noise(
 ) -> torch.Tensor:
     """ε_θ(x_t, t[, c]): the noise the UNet predicts."""
     return unet(x_t, timesteps, class_labels=class_labels).sample
+
+
+def noised(scheduler: DDPMScheduler, images: torch.Tensor, generator: torch.Generator | None,
+           timesteps: tuple[int, int] | None = None) -> tuple[torch.Tensor, ...]:
+    """(x_t, ε, t): ``images`` noised by ``scheduler`` at t ~ U{lo..hi−1} with ε ~ N(0, I).
+
+    ``timesteps`` is the band (lo, hi), all of 0..T−1 by default. t is drawn before ε, from
+    ``generator``: every module that trains on noised images draws them here, in this order,
+    so a seeded run is the same run whichever module makes it.
+    """
+    low, high = timesteps or (0, scheduler.config.num_train_timesteps)
+    t = torch.randint(low, high, (images.shape[0],), device=images.device, generator=generator)
+    noise = torch.randn(images.shape, device=images.device, generator=generator,
+                        dtype=images.dtype)
+    return scheduler.add_noise(images, noise, t), noise, t
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, network: torch.nn.Module, decay: float, step: int) -> None:
+    """ema ← d·ema + (1 − d)·θ with d = min(decay, (1 + step)/(10 + step)): the warm-up keeps
+    the average from remembering the random first weights.
+
+    Written here rather than taken from a library, on purpose: Lightning's
+    ``EMAWeightAveraging`` swaps the averaged weights into the module for validation and puts
+    them in the checkpoint's ``state_dict`` in place of the raw ones, but the prior callbacks
+    (``PriorSnapshot(weights=raw|ema)``), ``load_diffusion_model(weights=...)`` and sampling
+    during training need both sets side by side, under fixed names; it has no warm-up either.
+    diffusers' ``EMAModel`` keeps its shadow weights outside the module, so Lightning would
+    neither move, shard nor checkpoint them, and exact resume would need a state of its own.
+    An ``nn.Module`` copy gets all three for free.
+    """
+    d = min(decay, (1 + step) / (10 + step))
+    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in network.parameters()],
+                         1.0 - d)
 
 
 def seeded_noise(

@@ -1,9 +1,9 @@
-"""The two terms of the VDU objective in plain torch (method.md §2).
+"""The loss terms the methods share, in plain torch (docs/method.md §2, §7).
 
-* ``stability_penalty``: S(θ) = Σ_i (θ_i − μ*_i)² / (2 σ*_i²), the prior's quadratic;
+* ``stability_penalty``: S(θ) = Σ_i (θ_i − μ*_i)² / (2 σ*_i²), the prior's quadratic (VDU,
+  the isotropic anchor and EWC's Fisher penalty);
 * ``timestep_weights`` and ``denoising_error``: Σ_t C_t ‖ε − ε_θ(x_t, t)‖², whose negative is
-  the plasticity inducer P(θ); ``per_example_error`` and ``hinged_error`` for VDU's
-  shift-proof and bounded variants of it.
+  the plasticity inducer P(θ) (and the retain loss of the peers).
 
 Both reduce by ``mean`` or ``sum`` (see ``VDUModule`` for why ``mean`` is the default).
 No Lightning here.
@@ -139,18 +139,3 @@ def per_example_error(predicted: torch.Tensor, noise: torch.Tensor, centred: boo
         residual = residual - residual.mean(dim=tuple(range(2, residual.dim())), keepdim=True)
     squared = residual.square().flatten(1)
     return squared.mean(1) if reduction == "mean" else squared.sum(1)
-
-
-def hinged_error(errors: torch.Tensor, reference: torch.Tensor, factor: float) -> torch.Tensor:
-    """min(e, k·e₀) per example: the error ``errors`` counts up to ``factor`` times the
-    original network's error ``reference`` on the same noised input, and no further (its
-    gradient is zero beyond), so raising it cannot run away.
-
-    Example:
-        >>> hinged_error(torch.tensor([1.0, 5.0]), torch.tensor([1.0, 1.0]), 2.0).tolist()
-        [1.0, 2.0]
-    """
-    if not factor > 1.0:
-        raise ValueError(f"the hinge factor must be > 1 (the error may rise to k times the "
-                         f"original's), got {factor!r}")
-    return torch.minimum(errors, factor * reference.to(errors))

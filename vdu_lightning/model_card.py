@@ -30,7 +30,7 @@ USAGE = {
     "StableDiffusionPipeline": "from diffusers import StableDiffusionPipeline\n\n"
                                "pipeline = StableDiffusionPipeline.from_pretrained({where!r})\n"
                                "image = pipeline(\"a photo\").images[0]",
-    "OneStepGeneratorPipeline": "from vdu_lightning.one_step import OneStepGeneratorPipeline\n\n"
+    "OneStepGeneratorPipeline": "from vdu_lightning.methods.sfd import OneStepGeneratorPipeline\n\n"
                                 "pipeline = OneStepGeneratorPipeline.from_pretrained({where!r})\n"
                                 "images = pipeline([0, 2, 3]).images  # one step per label",
     "label-conditional": "import torch\nfrom vdu_lightning import DiffusionModule\n\n"

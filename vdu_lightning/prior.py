@@ -1,4 +1,4 @@
-"""``ParameterPrior``: the diagonal Gaussian N(μ*, diag σ*²) over parameters (method.md §3).
+"""``ParameterPrior``: the diagonal Gaussian N(μ*, diag σ*²) over parameters (docs/method.md §3).
 
 μ* and σ*² are the per-parameter mean and variance over K checkpoints of the pre-trained
 model, computed streaming (Welford's update, Chan's merge of partial results), so memory is
@@ -25,7 +25,7 @@ from vdu_lightning.checkpoints import read_unet_weights
 from vdu_lightning.files import atomic_file
 from vdu_lightning.hub import resolve_model, split_hub_id
 
-#: Where the K checkpoints come from (method.md §3); recorded in every prior file.
+#: Where the K checkpoints come from (docs/method.md §3); recorded in every prior file.
 CHECKPOINT_SOURCES = ("independent", "trajectory", "finetune")
 #: Also the priors of the peer methods: one constant variance (``isotropic``) and the
 #: inverse of EWC's Fisher (``fisher``); no checkpoints behind them.

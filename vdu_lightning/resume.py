@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
 
 from vdu_lightning.files import load_checkpoint
-from vdu_lightning.modules.vdu import prior_in_checkpoint
+from vdu_lightning.methods.vdu.module import prior_in_checkpoint
 
 #: The checkpoints Lightning writes on SLURM's pre-emption signal.
 _HPC_NAME = re.compile(r"hpc_ckpt_(\d+)\.ckpt")

@@ -19,7 +19,7 @@ from vdu_lightning import (
 )
 from vdu_lightning.cli import VDUCLI, main
 from vdu_lightning.modules.compat import check_data_fits_model
-from vdu_lightning.one_step import OneStepGeneratorPipeline
+from vdu_lightning.methods.sfd import OneStepGeneratorPipeline
 
 TINY_PRETRAIN = str(CONFIGS / "tests" / "tiny_pretrain.yaml")
 TINY_VDU = str(CONFIGS / "tests" / "tiny_vdu.yaml")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -12,10 +14,10 @@ import yaml
 from diffusers import DDIMPipeline
 from PIL import Image
 
-from conftest import CONFIGS
-from vdu_lightning import VDUModule
+from conftest import CONFIGS, TINY_UNET
+from vdu_lightning import VDUModule, demo
 from vdu_lightning.cli import main
-from vdu_lightning.demo import EVALUATORS, FULL
+from vdu_lightning.demo import EVALUATORS, FULL, QUICK
 
 
 def test_the_quick_demo_writes_the_report_and_a_second_run_reuses_the_cache(
@@ -135,3 +137,105 @@ def test_the_full_budget_is_the_one_of_the_mnist5k_configs() -> None:
     assert (FULL.gamma, FULL.lr, FULL.unlearn_steps) == (
         vdu["model"]["init_args"]["gamma"], vdu["model"]["init_args"]["lr"],
         vdu["trainer"]["max_steps"])
+
+
+def _config(name: str) -> dict[str, Any]:
+    return yaml.safe_load((CONFIGS / "mnist5k" / name).read_text())
+
+
+def _callback(config: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(c.get("init_args", {}) for c in config["trainer"]["callbacks"]
+                if c["class_path"].endswith("." + name))
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_the_demo_builds_every_run_from_its_config_changed_only_where_it_says(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # What each stage builds, recorded instead of trained: exactly the configs' init args and
+    # budgets, but for the demo's own paths and digit and its shorter evaluation.
+    built: dict[str, list[Any]] = {}
+
+    def recorder(name: str, made: Any = None) -> Any:
+        def build(*args: Any, **kwargs: Any) -> Any:
+            built.setdefault(name, []).append(kwargs if not args else (args, kwargs))
+            return SimpleNamespace() if made is None else made
+        return build
+
+    class Trainer:
+        def __init__(self, callbacks: list[Any], **kwargs: Any) -> None:
+            built.setdefault("Trainer", []).append(kwargs)
+            self.callback_metrics = {"val/acc": 0.5}
+
+        def fit(self, module: Any, datamodule: Any) -> None:
+            pass
+
+        def validate(self, *args: Any, **kwargs: Any) -> None:
+            raise _Stop  # the evaluation's settings are recorded: nothing to sample
+
+    monkeypatch.setattr(demo.Demo, "_trainer",
+                        lambda self, callbacks, **kwargs: Trainer(callbacks, **kwargs))
+    monkeypatch.setattr(demo.pl, "seed_everything", recorder("seed_everything"))
+    monkeypatch.setattr(demo, "ParameterPrior", SimpleNamespace(
+        load=lambda path: SimpleNamespace(describe=lambda: "a prior")))
+    for name in ("DiffusionModule", "ClassifierModule", "ImageDataModule", "PriorSnapshot",
+                 "ExportPretrained", "CheckpointPrior", "UnlearningGuard",
+                 "UnlearningEvaluation"):
+        monkeypatch.setattr(demo, name, recorder(name))
+    monkeypatch.setattr(demo, "ForgetSetDataModule", recorder(
+        "ForgetSetDataModule", SimpleNamespace(forget_set=[0] * 500)))
+    monkeypatch.setattr(demo, "VDUModule", recorder(
+        "VDUModule", SimpleNamespace(loss_terms={"stability": 1.0, "plasticity": 2.0})))
+    run = demo.Demo(FULL, 7, tmp_path / "out", tmp_path / "cache")
+    run.pretrain()
+    run.classifier()
+    run.unlearn()
+    with pytest.raises(_Stop):
+        run.evaluate()
+
+    pretrain, vdu = _config("pretrain.yaml"), _config("vdu.yaml")
+    classifiers = [_config("classifier.yaml"), _config("classifier_lenet.yaml")]
+    assert built["DiffusionModule"] == [pretrain["model"]["init_args"]]
+    assert built["ClassifierModule"] == [c["model"]["init_args"] for c in classifiers]
+    assert built["ImageDataModule"] == [c["data"]["init_args"] for c in [pretrain, *classifiers]]
+    assert built["PriorSnapshot"] == [_callback(pretrain, "PriorSnapshot")
+                                      | {"path": str(run.prior_path)}]
+    assert built["Trainer"] == [
+        {"max_steps": pretrain["trainer"]["max_steps"], "limit_val_batches": 0},
+        *({"max_epochs": c["trainer"]["max_epochs"]} for c in classifiers),
+        {"max_steps": vdu["trainer"]["max_steps"], "limit_val_batches": 0},
+        {},  # the evaluation's
+    ]
+    assert built["seed_everything"] == [((c["seed_everything"],), {"verbose": False})
+                                        for c in [pretrain, *classifiers, vdu]]
+    # Evaluation with DDIM-25 on 500 samples per model, not vdu.yaml's DDIM-50 on 1,000.
+    assert built["VDUModule"] == [vdu["model"]["init_args"]
+                                  | {"pretrained": str(run.model_dir), "sample_steps": 25}]
+    assert built["ForgetSetDataModule"] == [vdu["data"]["init_args"] | {"forget_classes": [7]}]
+    assert built["UnlearningGuard"] == [_callback(vdu, "UnlearningGuard")]
+    evaluation = built["UnlearningEvaluation"][0]
+    assert Path(evaluation.pop("dirpath")).parent == tmp_path / "out"
+    assert evaluation == _callback(vdu, "UnlearningEvaluation") | {
+        "classifier": str(run.classifier_dirs["classifier"]),
+        "second_classifier": str(run.classifier_dirs["second_classifier"]),
+        "num_samples": 500, "num_steps": 25, "seed": vdu["seed_everything"],
+        "cache_dir": str(tmp_path / "cache" / "evaluation")}
+
+
+def test_the_quick_budget_trains_the_tiny_unet_of_the_test_configs() -> None:
+    assert QUICK.unet == TINY_UNET and QUICK.image_size == TINY_UNET["sample_size"]
+    assert {name: QUICK.runs[name].init_args["data"]["image_size"] for name in demo.RUNS} == \
+        dict.fromkeys(demo.RUNS, TINY_UNET["sample_size"])
+
+
+def test_without_its_configs_the_demo_says_where_it_looked(tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--quick", "--configs", str(tmp_path / "nowhere"), "--output",
+              str(tmp_path / "o"), "--cache-dir", str(tmp_path / "c")])
+    assert exit_info.value.code == 2
+    missing = tmp_path / "nowhere" / "mnist5k" / "pretrain.yaml"
+    assert f"vdu demo: error: no config mnist5k/pretrain.yaml at {missing}" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "c").exists() and not (tmp_path / "o").exists()

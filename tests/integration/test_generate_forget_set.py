@@ -18,7 +18,7 @@ from tiny_sd import IMAGE_SIZE, save_tiny_sd
 from vdu_lightning import forget_set
 from vdu_lightning.cli import main
 from vdu_lightning.data.folder import CaptionedImageFolder
-from vdu_lightning.pipelines import load_pipeline
+from vdu_lightning.methods.text_to_image.pipelines import load_pipeline
 
 PROMPT = "a red cat"
 #: Two steps and batches of 3: image 3 falls in a second, partly used batch.

@@ -15,8 +15,8 @@ from conftest import CONFIGS
 from tiny_sd import IMAGE_SIZE, captioned_folder, save_tiny_sd, tiny_sd_pipeline
 from vdu_lightning import ForgetSetDataModule, ParameterPrior
 from vdu_lightning.cli import VDUCLI, main
-from vdu_lightning.modules.text_to_image import TextToImageVDUModule
-from vdu_lightning.pipelines import load_pipeline
+from vdu_lightning.methods.text_to_image.module import TextToImageVDUModule
+from vdu_lightning.methods.text_to_image.pipelines import load_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def prior_over(module: TextToImageVDUModule, include: list[str]) -> ParameterPri
 
 def frozen_weights(module: TextToImageVDUModule) -> dict[str, torch.Tensor]:
     return {f"{part}.{n}": p.detach().clone() for part in ("vae", "text_encoder")
-            for n, p in module.__dict__["_frozen"][part].named_parameters()}
+            for n, p in module.frozen.get(part).named_parameters()}
 
 
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
@@ -66,7 +66,7 @@ def test_cross_attention_unlearning_moves_only_that_subset_and_exports_a_pipelin
     for name, value in frozen_weights(module).items():
         assert torch.equal(value, frozen_before[name]), name
     assert not any(p.requires_grad or p.grad is not None for part in ("vae", "text_encoder")
-                   for p in module.__dict__["_frozen"][part].parameters())
+                   for p in module.frozen.get(part).parameters())
 
     module.save_pretrained(tmp_path / "unlearned")
     exported = StableDiffusionPipeline.from_pretrained(tmp_path / "unlearned",
@@ -149,7 +149,7 @@ def test_cached_latents_are_drawn_like_fresh_ones_and_encode_each_image_once(
     cached = TextToImageVDUModule(str(sd_dir), cache_latents=True)
     fresh = TextToImageVDUModule(str(sd_dir))
     calls = []
-    cached.__dict__["_frozen"]["vae"].encoder.register_forward_hook(
+    cached.frozen.get("vae").encoder.register_forward_hook(
         lambda module, args, output: calls.append(args[0].shape[0]))
     images = torch.rand(3, 3, IMAGE_SIZE, IMAGE_SIZE) * 2 - 1
     for seed in (0, 1):

@@ -21,14 +21,14 @@ from transformers import CLIPModel, CLIPProcessor
 from conftest import CONFIGS
 from detectors import ChannelMean
 from evaluation_helpers import one_thread, perturb, tiny_classifier
-from tiny_clip import save_tiny_clip
+from tiny_clip import PooledCLIP, save_tiny_clip
 from tiny_sd import IMAGE_SIZE, captioned_folder, save_tiny_sd
 from vdu_lightning import ClassifierModule, ForgetSetDataModule
 from vdu_lightning.callbacks import TextToImageEvaluation
 from vdu_lightning.cli import VDUCLI
 from vdu_lightning.data.folder import CaptionedImageFolder
 from vdu_lightning.metrics import UnlearnedFID, percent_unlearned
-from vdu_lightning.modules.text_to_image import TextToImageVDUModule
+from vdu_lightning.methods.text_to_image.module import TextToImageVDUModule
 
 PROMPTS = ["a red barn", "a red car"]
 RETAIN = ["a blue sea"]
@@ -70,21 +70,6 @@ def unlearned_module(sd_dir: Path) -> CountingModule:
     return module
 
 
-class _PooledCLIP(torch.nn.Module):
-    """torchmetrics 1.9's clip_score expects tensors from get_*_features, which transformers 5
-    wraps in a ModelOutput (Lightning-AI/torchmetrics#3407): unwrap, nothing else."""
-
-    def __init__(self, model: CLIPModel) -> None:
-        super().__init__()
-        self.model, self.config = model, model.config
-
-    def get_image_features(self, *args: object) -> torch.Tensor:
-        return self.model.get_image_features(*args).pooler_output
-
-    def get_text_features(self, *args: object) -> torch.Tensor:
-        return self.model.get_text_features(*args).pooler_output
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
     with one_thread():
@@ -122,7 +107,7 @@ def _world(root: Path) -> dict:
     for name, x in images.items():
         pixels = (x * 255).round().to(torch.uint8)  # torchmetrics takes [0, 255] images
         for part, where in (("forget", slice(0, forget)), ("retain", slice(forget, None))):
-            metric = CLIPScore(lambda: (_PooledCLIP(model), processor))
+            metric = CLIPScore(lambda: (PooledCLIP(model), processor))
             metric.update(list(pixels[where]), prompts[where])
             # The mean is clipped at 0; the sum of the per-image scores is not.
             clips[f"clip_score/{part}/{name}"] = (metric.compute().item(), metric.score.item())

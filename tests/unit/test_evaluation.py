@@ -1,4 +1,5 @@
-"""UnlearningEvaluation through real Trainer.validate runs, checked against direct computations."""
+"""UnlearningEvaluation through real Trainer.validate runs, checked against direct computations;
+and what every evaluation callback inherits from EvaluationCallback, on the smallest one."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch.demos.boring_classes import BoringModel
 from PIL import Image
 
 from evaluation_helpers import (
@@ -21,8 +23,10 @@ from evaluation_helpers import (
 )
 from vdu_lightning import ClassifierModule, ForgetSetDataModule
 from vdu_lightning.callbacks.evaluation import UnlearningEvaluation
+from vdu_lightning.callbacks.evaluation_base import EvaluationCallback, u_fid_metrics
 from vdu_lightning.diffusion import seeded_noise
 from vdu_lightning.evaluation import before_after_grid, load_classifier, variational_bound
+from vdu_lightning.evaluation.cache import OriginalCache
 from vdu_lightning.metrics import UnlearnedFID, percent_unlearned
 
 SETTINGS = {"num_samples": 40, "seed": 5, "num_steps": 2, "batch_size": 16,
@@ -267,3 +271,87 @@ def test_a_conditional_model_draws_sample_i_with_label_i_mod_c(direct: dict) -> 
         samples.append(callback.results["metrics"])
         assert callback.results["likelihood"] is not None
     assert samples[0] == pytest.approx(samples[1], rel=1e-4, nan_ok=True)
+
+
+# ---- the base every evaluation callback shares ---------------------------------------------
+class ConstantEvaluation(EvaluationCallback):
+    """The smallest evaluation: the original model "makes" ones, the unlearned one threes;
+    each rank makes its share of four entries. It records what it was asked to measure."""
+
+    def __init__(self, dirpath: str, cache_dir: str | None = None) -> None:
+        super().__init__(dirpath, during_fit=False, cache_dir=cache_dir)
+        self.measured: list[bool] = []
+        self.loads = 0
+        self.network = "first"  # stands for the original network's weights
+
+    def _check_module(self, pl_module: pl.LightningModule) -> None:
+        pass
+
+    def _check_run(self, trainer: pl.Trainer) -> None:
+        pass
+
+    def _load(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.loads += 1
+
+    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                 original: bool) -> torch.Tensor:
+        self.measured.append(original)
+        share = torch.zeros(4)
+        share[trainer.global_rank::trainer.world_size] = 1.0 if original else 3.0
+        return self._gather(trainer, pl_module.device, share)[0]
+
+    def _compare(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                 original: torch.Tensor, unlearned: torch.Tensor) -> tuple[dict, dict]:
+        return ({"gap": float((unlearned - original).mean()),
+                 **u_fid_metrics("u_fid/x/ddim2", 4.0, 2.0)},
+                {"original": original.tolist()})
+
+    def _write_pictures(self, trainer: pl.Trainer, out: Path, results: dict,
+                        original: torch.Tensor, unlearned: torch.Tensor) -> None:
+        self.write_side_by_side(trainer, torch.zeros(3, 4, 4), torch.ones(3, 4, 4), out, "")
+
+    def _original_digest(self, pl_module: pl.LightningModule) -> str:
+        return self.network
+
+    def _original_key(self, pl_module: pl.LightningModule) -> str:
+        return OriginalCache.key(network=self.network)
+
+    def _to_entry(self, results: torch.Tensor) -> dict:
+        return {"samples": results}
+
+    def _from_entry(self, entry: dict) -> torch.Tensor:
+        return entry["samples"]
+
+
+def test_the_base_measures_the_original_once_and_writes_logs_and_caches(
+        tmp_path: Path) -> None:
+    callback, module = ConstantEvaluation("out", cache_dir="cache"), BoringModel()
+    trainer = _trainer(callbacks=[callback])
+    trainer.validate(module)
+    written = json.loads((tmp_path / "out" / "evaluation_step_0000000.json").read_text())
+    assert list(written) == ["step", "stage", "metrics", "original"]
+    assert (written["step"], written["stage"], written["original"]) == (0, "validate", [1.0] * 4)
+    assert written["metrics"] == {"gap": 2.0, "u_fid/x/ddim2": 2.0,
+                                  "original/u_fid/x/ddim2": 4.0, "u_fid_ratio": 0.5}
+    assert trainer.callback_metrics["eval/gap"] == 2.0
+    assert callback.picture == Path("out") / "samples_step_0000000.png"
+    assert Image.open(callback.picture).size == (4 + 8 + 4, 4)  # left, gap, right
+    assert callback.results["metrics"] == written["metrics"]
+
+    # The same module again: nothing reloaded, the original's results kept in memory.
+    _trainer(callbacks=[callback]).validate(module)
+    assert callback.measured == [True, False, False] and callback.loads == 1
+    # Its network changed: measured anew (and stored under the new key).
+    callback.network = "second"
+    _trainer(callbacks=[callback]).validate(module)
+    assert callback.measured == [True, False, False, True, False]
+    assert len(list((tmp_path / "cache").glob("original-*.pt"))) == 2
+    # Another callback on the same cache reads the original's results from disk.
+    again = ConstantEvaluation("again", cache_dir="cache")
+    _trainer(callbacks=[again]).validate(BoringModel())
+    assert again.measured == [False] and again.results["original"] == [1.0] * 4
+
+
+def test_the_u_fid_ratio_is_undefined_without_a_positive_original() -> None:
+    assert u_fid_metrics("u_fid/x", 2.0, 3.0)["u_fid_ratio"] == 1.5
+    assert np.isnan(u_fid_metrics("u_fid/x", 0.0, 3.0)["u_fid_ratio"])

@@ -1,4 +1,4 @@
-"""The two terms of the VDU objective (method.md §2) against independent references."""
+"""The two terms of the VDU objective (docs/method.md §2) against independent references."""
 
 from __future__ import annotations
 

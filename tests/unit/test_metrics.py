@@ -1,4 +1,5 @@
-"""PercentUnlearned and UnlearnedFID against direct computations on the same inputs."""
+"""PercentUnlearned, UnlearnedFID and PromptCLIPScore against direct computations (or
+torchmetrics' own) on the same inputs."""
 
 from __future__ import annotations
 
@@ -11,13 +12,17 @@ import pytest
 import scipy.linalg
 import torch
 from torch import nn
+from torchmetrics.multimodal import CLIPScore
 from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
 
 from evaluation_helpers import one_thread
+from tiny_clip import PooledCLIP, save_tiny_clip
+from tiny_sd import IMAGE_SIZE
 from vdu_lightning import ClassifierModule
 from vdu_lightning.metrics import (
     ClassifierFeatures,
     PercentUnlearned,
+    PromptCLIPScore,
     UnlearnedFID,
     class_histogram,
     percent_unlearned,
@@ -225,3 +230,89 @@ def test_inception_features_get_uint8_rgb(monkeypatch: pytest.MonkeyPatch,
     assert pixels[0, :, 0, 0].tolist() == [0, 0, 0] and pixels[0, 1].flatten().tolist() == [
         0, 128, 255, 255]
     assert fid.real_features_sum.dtype == torch.float64 and fid.real_features_sum.shape == (2048,)
+
+
+# ---- CLIP score --------------------------------------------------------------------------
+PROMPTS = ["a red barn", "a blue sea", "a red car", "a green tree", "a dark night"]
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory: pytest.TempPathFactory) -> tuple[nn.Module, object]:
+    """The tiny CLIP model and processor of the text-to-image tests, read back from disk."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    path = save_tiny_clip(tmp_path_factory.mktemp("clip") / "clip")
+    return (CLIPModel.from_pretrained(path, local_files_only=True),
+            CLIPProcessor.from_pretrained(path, local_files_only=True))
+
+
+def _pictures(count: int, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand(count, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
+
+
+def test_the_clip_score_equals_torchmetrics_on_the_same_images(clip: tuple) -> None:
+    model, processor = clip
+    images = _pictures(len(PROMPTS))
+    metric = PromptCLIPScore(model, processor)
+    metric.update(images, PROMPTS)
+    theirs = CLIPScore(lambda: (PooledCLIP(model), processor))
+    theirs.update(list((images * 255).round().to(torch.uint8)), PROMPTS)
+    value = metric.compute()
+    assert value.dtype == torch.float64 and int(metric.num_images) == len(PROMPTS)
+    # The sum of the per-image scores is not clipped: comparing it checks every image.
+    assert float(metric.score_sum) == pytest.approx(float(theirs.score), abs=1e-4)
+    assert float(value) == pytest.approx(float(theirs.compute()), abs=1e-4)
+    scores = metric.image_scores(images, PROMPTS)
+    assert scores.shape == (len(PROMPTS),) and len(set(scores.tolist())) == len(PROMPTS)
+    assert float(scores.sum()) == float(metric.score_sum)
+
+
+def test_the_clip_score_accumulates_over_updates_and_processes(clip: tuple) -> None:
+    images = _pictures(len(PROMPTS), seed=1)
+    whole = PromptCLIPScore(*clip)
+    whole.update(images, PROMPTS)
+    batches = PromptCLIPScore(*clip)
+    batches.update(images[:2], PROMPTS[:2])
+    batches.update(images[2:], PROMPTS[2:])
+    assert int(batches.num_images) == len(PROMPTS)
+    # Other batch compositions round differently in CLIP's kernels: equal up to that.
+    assert float(batches.compute()) == pytest.approx(float(whole.compute()), rel=1e-6)
+    # Two processes' states, reduced as under DDP (dist_reduce_fx="sum"), give the same.
+    first, second = PromptCLIPScore(*clip), PromptCLIPScore(*clip)
+    first.update(images[:3], PROMPTS[:3])
+    second.update(images[3:], PROMPTS[3:])
+    first.merge_state(second)
+    assert int(first.num_images) == len(PROMPTS)
+    assert float(first.compute()) == pytest.approx(float(whole.compute()), rel=1e-6)
+    # Scores computed once and given back count as the images they came from, exactly.
+    given = PromptCLIPScore(*clip)
+    given.update(scores=whole.image_scores(images, PROMPTS))
+    assert float(given.compute()) == float(whole.compute())
+    whole.reset()
+    assert int(whole.num_images) == 0 and float(whole.score_sum) == 0.0
+
+
+def test_the_clip_score_clips_the_mean_not_each_image(clip: tuple) -> None:
+    metric = PromptCLIPScore(*clip)
+    metric.update(scores=torch.tensor([-30.0, 50.0], dtype=torch.float64))
+    assert float(metric.compute()) == 10.0  # each image clipped first would give 25
+    metric.update(scores=torch.tensor([-100.0], dtype=torch.float64))
+    assert float(metric.compute()) == 0.0  # mean -80 / 3: clipped at 0
+    assert float(metric.score_sum) == -80.0
+
+
+def test_the_clip_score_keeps_clip_frozen_and_refuses_what_does_not_fit(clip: tuple) -> None:
+    model, processor = clip
+    metric = PromptCLIPScore(model, processor).train()
+    assert not metric.model.training  # CLIP's dropout must not move the scores
+    assert not any(p.requires_grad for p in metric.model.parameters())
+    with pytest.raises(ValueError, match="one prompt \\(a str\\) per image: 2 images"):
+        metric.update(_pictures(2), ["a red barn"])
+    with pytest.raises(ValueError, match=r"float \[B, 3, H, W\] tensor"):
+        metric.update(_pictures(2)[:, :1], ["a", "b"])
+    with pytest.raises(TypeError, match="images and prompts, or scores, not both"):
+        metric.update(_pictures(1), ["a"], scores=torch.zeros(1))
+    with pytest.raises(TypeError, match="CLIP nn.Module"):
+        PromptCLIPScore(nn.Linear(2, 2), processor)
+    assert int(metric.num_images) == 0  # nothing was counted by the failed updates

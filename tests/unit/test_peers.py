@@ -1,4 +1,4 @@
-"""The peer methods (method.md §7) on a tiny DDPM: what each minimises and what it moves."""
+"""The peer methods (docs/method.md §7) on a tiny DDPM: what each minimises and what it moves."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from vdu_lightning import (
     SalUnModule,
 )
 from vdu_lightning.diffusion import predict_noise
-from vdu_lightning.fisher import diagonal_fisher, fisher_timesteps
-from vdu_lightning.modules.peers.salun import saliency_mask
+from vdu_lightning.methods.peers.fisher import diagonal_fisher, fisher_timesteps
+from vdu_lightning.methods.peers.salun import saliency_mask
 
 
 def forget_data(**kwargs) -> ForgetSetDataModule:

@@ -1,4 +1,5 @@
-"""ParameterPrior and RunningMoments: the checkpoint prior's maths (method.md §3) and its files.
+"""ParameterPrior and RunningMoments: the checkpoint prior's maths (docs/method.md §3) and
+its files.
 
 Every expected value is computed independently, with ``torch.stack(...).mean(0)`` /
 ``.var(0)`` in float64 over the snapshots, never from the code under test.

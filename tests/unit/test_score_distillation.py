@@ -1,10 +1,10 @@
-"""SFD's loss terms (method.md §6) against hand computations on tiny tensors."""
+"""SFD's loss terms (docs/method.md §6) against hand computations on tiny tensors."""
 
 from __future__ import annotations
 
 import torch
 
-from vdu_lightning.score_distillation import (
+from vdu_lightning.methods.sfd.score_distillation import (
     fake_score_loss,
     sid_generator_loss,
     x0_from_epsilon,

@@ -11,8 +11,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from vdu_lightning import ClassifierModule, DiffusionModule
-from vdu_lightning.modules.sfd import SFDModule
-from vdu_lightning.one_step import OneStepGeneratorPipeline
+from vdu_lightning.methods.sfd.module import SFDModule
+from vdu_lightning.methods.sfd import OneStepGeneratorPipeline
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import torch
 
 from test_vdu_module import forget_data, make_prior
 from vdu_lightning import ParameterPrior, TextToImageVDUModule, VDUModule
-from vdu_lightning.losses import hinged_error, per_example_error
+from vdu_lightning.methods.vdu.objective import hinged_error, per_example_error
 
 
 def _images(count: int = 8) -> dict[str, torch.Tensor]:

@@ -1,30 +1,32 @@
 """``UnlearningEvaluation``: PUL and u-FID by two evaluators, measures that need no
-classifier, histograms and readable grids, of fixed-seed samples (method.md §4).
+classifier, histograms and readable grids, of fixed-seed samples (docs/method.md §4).
 
 Sample i is drawn from the same noise by the original and by the unlearned model, so the two
 sets are paired. The original model never changes: its samples and its likelihood of the
 held-out images are computed once per (module, datamodule, world) and kept, and on disk with
 ``cache_dir``; later evaluations sample only the unlearned model. The scoring itself is
-``vdu_lightning.evaluation`` (plain torch), the same code the demo and the benchmarks use.
+``vdu_lightning.evaluation`` (plain torch), the same code the demo and the benchmarks use; what
+every evaluation callback shares is ``EvaluationCallback``'s.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import os
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
-from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
+from typing_extensions import override
 
-from vdu_lightning.callbacks.samples import save_grid
+from vdu_lightning.callbacks.evaluation_base import (
+    EvaluationCallback,
+    _positive,
+    json_plain,
+    u_fid_metrics,
+)
 from vdu_lightning.diffusion import seeded_noise
 from vdu_lightning.evaluation import (
     ClassifierNet,
@@ -32,41 +34,20 @@ from vdu_lightning.evaluation import (
     PairedEvaluation,
     before_after_grid,
     likelihood_change,
-    load_classifier,
     variational_bound,
 )
-from vdu_lightning.evaluation.cache import (
-    OriginalCache,
-    from_entry,
-    original_key,
-    state_digest,
-    to_entry,
-)
+from vdu_lightning.evaluation.cache import from_entry, original_key, state_digest, to_entry
+from vdu_lightning.evaluation.paired import sample_fid, u_fid_ratio
 from vdu_lightning.evaluation.references import held_out_parts, retained_reference
-from vdu_lightning.files import atomic_file, atomic_write_text
+from vdu_lightning.files import atomic_file
 from vdu_lightning.metrics import UnlearnedFID
-from vdu_lightning.modules.compat import refuse_sharded_weights
+
+__all__ = ["EvaluationCallback", "SAMPLER", "UnlearningEvaluation", "json_plain",
+           "save_histogram"]
 
 #: The sampler behind ``sample_from`` (deterministic DDIM), recorded beside every FID.
 SAMPLER = "ddim"
 _DATAMODULE_NEEDS = ("forget_classes", "retain_classes", "num_classes", "load")
-
-
-def _positive(name: str, value: Any, least: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < least:
-        raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
-
-
-def json_plain(value: Any) -> Any:
-    """``value`` with every NaN or infinity, however deeply nested, made null: JSON has
-    neither, and strict readers refuse the files that hold them."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {key: json_plain(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_plain(item) for item in value]
-    return value
 
 
 def save_histogram(path: str | os.PathLike, original: list[int], unlearned: list[int],
@@ -87,81 +68,6 @@ def save_histogram(path: str | os.PathLike, original: list[int], unlearned: list
     axes.legend()
     with atomic_file(path) as tmp:
         figure.savefig(tmp, format="png", dpi=100)
-
-
-class EvaluationCallback(pl.Callback):
-    """When and where the evaluation callbacks run: on ``vdu validate`` / ``vdu test`` (and
-    during fit with ``during_fit``), writing into ``dirpath`` (default: the run's log
-    directory, or one folder per W&B run). Subclasses call
-    ``_resolve_dirpath`` in ``setup`` and define ``evaluate``."""
-
-    def __init__(self, dirpath: str | None, during_fit: bool) -> None:
-        self.dirpath = dirpath
-        self.during_fit = during_fit
-        self.results: dict[str, Any] = {}
-        #: The latest before/after PNG written (rank 0), shown by the exported model's card.
-        self.picture: Path | None = None
-        self._cache_key: tuple | None = None
-        self._original: dict[str, Any] | None = None
-        self._out_dir: str | None = None
-
-    def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def write_results(self, out: Path, step: int) -> dict[str, Any]:
-        """``self.results`` as ``<out>/evaluation_step_<step>.json`` (numbers made plain)."""
-        self.picture = None  # until this evaluation's own grid is written
-        results = json_plain(self.results)
-        atomic_write_text(out / f"evaluation_step_{step:07d}.json",
-                          json.dumps(results, indent=2, allow_nan=False) + "\n")
-        return results
-
-    def write_side_by_side(self, trainer: pl.Trainer, left: Tensor, right: Tensor, out: Path,
-                           caption: str) -> None:
-        """Two grids ([C, H, W] in [0, 1]) side by side: ``samples_step_<step>.png``, and the
-        logger's image (W&B, TensorBoard)."""
-        gap = torch.ones(left.shape[0], left.shape[1], 8)
-        grid = torch.cat([left, gap, right], dim=2)
-        path = out / f"samples_step_{trainer.global_step:07d}.png"
-        save_grid(grid, path)
-        self.log_picture(trainer, path, grid, caption)
-
-    def log_picture(self, trainer: pl.Trainer, path: Path, grid: Tensor, caption: str) -> None:
-        """Give a written PNG (``grid``: the same picture, [C, H, W] in [0, 1]) to the loggers
-        that show images: W&B (the file: wandb reads float tensors as 0..255) and
-        TensorBoard; keep its path for the exported model's card."""
-        self.picture = path
-        step = trainer.global_step
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                logger.log_image(key="eval/samples", images=[str(path)], step=step,
-                                 caption=[caption])
-            elif isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_image("eval/samples", grid, global_step=step)
-
-    def _resolve_dirpath(self, trainer: pl.Trainer) -> None:
-        # One folder per W&B run (it has no versioned log dir); trainer.log_dir is a
-        # collective, reached by every rank.
-        if self.dirpath is not None:
-            self._out_dir = self.dirpath
-        elif isinstance(trainer.logger, WandbLogger):
-            if trainer.is_global_zero:
-                self._out_dir = os.path.join(trainer.logger.save_dir or trainer.default_root_dir,
-                                             "evaluation", str(trainer.logger.version))
-        else:
-            self._out_dir = os.path.join(trainer.log_dir or trainer.default_root_dir,
-                                         "evaluation")
-
-    # ---- when ---------------------------------------------------------------------------
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
-        fn = trainer.state.fn
-        if fn == TrainerFn.VALIDATING or (self.during_fit and fn == TrainerFn.FITTING):
-            self.evaluate(trainer, pl_module)
-
-    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.evaluate(trainer, pl_module)
 
 
 class UnlearningEvaluation(EvaluationCallback):
@@ -273,17 +179,19 @@ class UnlearningEvaluation(EvaluationCallback):
         self.grid_tile = grid_tile
         self.likelihood_timesteps = likelihood_timesteps
         self.disagreement = disagreement
-        self.cache_dir = cache_dir
-        super().__init__(dirpath, during_fit)
+        super().__init__(dirpath, during_fit, cache_dir)
 
     # ---- setup: every check before any sampling -----------------------------------------
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    @override
+    def _check_module(self, pl_module: pl.LightningModule) -> None:
         if not callable(getattr(pl_module, "sample_from", None)) or not hasattr(
                 pl_module, "sample_shape"):
             raise TypeError(f"UnlearningEvaluation needs a module with sample_shape and "
                             f"sample_from(noise, original, num_steps); "
                             f"{type(pl_module).__name__} lacks them")
-        refuse_sharded_weights(trainer, "UnlearningEvaluation")
+
+    @override
+    def _check_run(self, trainer: pl.Trainer) -> None:
         data = trainer.datamodule
         missing = [name for name in _DATAMODULE_NEEDS if not hasattr(data, name)]
         if missing:
@@ -292,44 +200,43 @@ class UnlearningEvaluation(EvaluationCallback):
         if trainer.world_size > self.num_samples:
             raise ValueError(f"num_samples={self.num_samples} is fewer than the "
                              f"{trainer.world_size} processes: each needs a sample")
-        self._resolve_dirpath(trainer)
-        if stage == "fit" and not self.during_fit:
-            return  # nothing to evaluate: spare fit the classifiers and the reference images
-        key = (id(pl_module), id(data), trainer.world_size, trainer.global_rank)
-        if key == self._cache_key:
-            return
-        self._cache_key, self._original = key, None
-        shape = tuple(pl_module.sample_shape)
-        evaluators = {"classifier": self._load_classifier(self.classifier, data, shape)}
+
+    @override
+    def _setup_key(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple:
+        return (*super()._setup_key(trainer, pl_module), id(trainer.datamodule))
+
+    @override
+    def _load(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        data, shape = trainer.datamodule, tuple(pl_module.sample_shape)
+        evaluators = {"classifier": self._evaluator("classifier", data, shape)}
         if self.second_classifier is not None:
-            evaluators["second_classifier"] = self._load_classifier(self.second_classifier,
-                                                                    data, shape)
+            evaluators["second_classifier"] = self._evaluator("second_classifier", data, shape)
         reference = self._reference_images(data, shape)
         self._paired = PairedEvaluation(evaluators, data.forget_classes, reference, SAMPLER,
                                         self.num_steps, self.disagreement, self.batch_size)
         self._inception = None
         if self.inception_weights is not None:
+            # Every process scores the full sets: no syncing (it would count them twice).
             self._inception = UnlearnedFID(inception_weights=self.inception_weights,
                                            sampler=SAMPLER, num_steps=self.num_steps,
                                            sync_on_compute=False)
-            for chunk in reference.split(self.batch_size):
-                self._inception.update(chunk, real=True)
+            self._fill_reference(self._inception, reference.split(self.batch_size), "cpu")
         self._held_out = self._held_out_images(pl_module, data)
 
-    def _load_classifier(self, path: str, data: Any, sample_shape: tuple[int, ...]
-                         ) -> ClassifierNet:
-        classifier = load_classifier(path).requires_grad_(False)
+    def _evaluator(self, role: str, data: Any, sample_shape: tuple[int, ...]) -> ClassifierNet:
+        """The classifier of argument ``role``, refused unless it reads this data's classes
+        and the model's samples."""
+        path = getattr(self, role)
+        classifier = self._load_classifier(path, role, sample_shape[0],
+                                           f"the model samples {sample_shape}")
         classes = classifier.num_classes
         if data.num_classes and data.num_classes != classes:
-            raise ValueError(f"the classifier {path} has {classes} classes but the data set "
+            raise ValueError(f"the {role} {path} has {classes} classes but the data set "
                              f"has {data.num_classes}: use a classifier trained on this data")
         outside = [c for c in list(data.forget_classes) + list(data.retain_classes or [])
                    if not 0 <= c < classes]
         if outside:
-            raise ValueError(f"classes {outside} are outside the classifier's [0, {classes - 1}]")
-        if classifier.in_channels != sample_shape[0]:
-            raise ValueError(f"the classifier {path} takes {classifier.in_channels}-channel "
-                             f"images but the model samples {sample_shape}")
+            raise ValueError(f"classes {outside} are outside the {role}'s [0, {classes - 1}]")
         return classifier
 
     def _reference_images(self, data: Any, sample_shape: tuple[int, ...]) -> Tensor:
@@ -360,33 +267,95 @@ class UnlearningEvaluation(EvaluationCallback):
     def _conditional(pl_module: pl.LightningModule) -> bool:
         return bool(getattr(pl_module, "conditional", False))
 
+    # ---- the original model's results ----------------------------------------------------
+    @override
+    def _original_digest(self, pl_module: pl.LightningModule) -> str | None:
+        return (state_digest(pl_module.original_unet)
+                if hasattr(pl_module, "original_unet") else None)
+
+    @override
+    def _original_key(self, pl_module: pl.LightningModule) -> str:
+        if not hasattr(pl_module, "original_unet") or not hasattr(pl_module, "scheduler"):
+            raise TypeError("cache_dir needs a module with original_unet and scheduler (the "
+                            "pre-trained network and schedule the cache is keyed by)")
+        held_out = {} if self._held_out is None else {
+            f"{part}_{what}": tensor for part, pair in self._held_out.items()
+            for what, tensor in zip(("images", "labels"), pair)}
+        return original_key(pl_module.original_unet, pl_module.scheduler.config,
+                            shape=list(pl_module.sample_shape), num_samples=self.num_samples,
+                            seed=self.seed, num_steps=self.num_steps, sampler=SAMPLER,
+                            conditional=self._conditional(pl_module),
+                            likelihood_timesteps=self.likelihood_timesteps, **held_out)
+
+    @override
+    def _to_entry(self, results: dict[str, Any]) -> dict[str, Any]:
+        return to_entry(results["samples"], results["likelihood"])
+
+    @override
+    def _from_entry(self, entry: dict[str, Any]) -> dict[str, Any]:
+        samples, likelihood = from_entry(entry)
+        return {"samples": samples, "likelihood": likelihood}
+
     # ---- what ---------------------------------------------------------------------------
-    def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
-        """Sample, score, log and write; every rank must call it. Returns ``self.results``."""
-        self._paired.to(pl_module.device)
-        # The in-memory results belong to one original network: a new module could reuse
-        # the id the setup check compared.
-        digest = (state_digest(pl_module.original_unet)
-                  if hasattr(pl_module, "original_unet") else None)
-        if self._original is None or self._original["digest"] != digest:
-            self._original = self._original_results(trainer, pl_module)
-            self._original["digest"] = digest
-        original = self._original["samples"]
-        unlearned = self._sample(trainer, pl_module, original=False)
-        paired = self._paired.compare(original, unlearned)
+    @override
+    def _to_device(self, device: torch.device) -> None:
+        self._paired.to(device)
+
+    @override
+    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                 original: bool) -> dict[str, Any]:
+        """One model's samples and its likelihood of the held-out images."""
+        return {"samples": self._sample(trainer, pl_module, original),
+                "likelihood": (None if self._held_out is None else
+                               self._likelihood(pl_module, original))}
+
+    def _sample(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                original: bool) -> Tensor:
+        """All ``num_samples`` samples, in order: rank r draws samples r, r + W, ... and they
+        are gathered. A label-conditional model draws sample i with label i mod C, whatever
+        the rank or batch."""
+        world, rank = trainer.world_size, trainer.global_rank
+        shape = tuple(pl_module.sample_shape)
+        noise = seeded_noise(self.num_samples, shape, self.seed)
+        mine = noise[rank::world]
+        labels = None
+        if self._conditional(pl_module):
+            labels = (torch.arange(self.num_samples) % pl_module.num_classes)[rank::world]
+        samples = torch.zeros(self.num_samples, *shape)
+        for index in torch.arange(len(mine)).split(self.batch_size):
+            chunk = mine[index]
+            kwargs = {} if labels is None else {"labels": labels[index]}
+            images = pl_module.sample_from(chunk.to(pl_module.device), original=original,
+                                           num_steps=self.num_steps, **kwargs)
+            if tuple(images.shape) != tuple(chunk.shape):
+                raise ValueError(f"sample_from returned shape {tuple(images.shape)} for noise "
+                                 f"of shape {tuple(chunk.shape)}")
+            samples[rank + world * index] = images.float().cpu()
+        return self._gather(trainer, pl_module.device, samples)[0]
+
+    def _likelihood(self, pl_module: pl.LightningModule, original: bool
+                    ) -> dict[str, Likelihood]:
+        """The bound of each held-out part under one model (every rank computes all of it:
+        a few seconds, and no collective)."""
+        unet = pl_module.original_unet if original else pl_module.unet
+        conditional = self._conditional(pl_module)
+        return {part: variational_bound(unet, pl_module.scheduler.betas, images,
+                                        labels if conditional else None,
+                                        self.likelihood_timesteps, self.seed, self.batch_size)
+                for part, (images, labels) in self._held_out.items()}
+
+    @override
+    def _compare(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                 original: dict[str, Any], unlearned: dict[str, Any]
+                 ) -> tuple[dict[str, float], dict[str, Any]]:
+        paired = self._paired.compare(original["samples"], unlearned["samples"])
         likelihood = None
         if self._held_out is not None:
-            likelihood = likelihood_change(self._original["likelihood"],
-                                           self._likelihood(pl_module, original=False))
-        inception = self._inception_scores(original, unlearned, pl_module.device)
-        metrics = self._metrics(paired, likelihood, inception)
-        for name, value in metrics.items():
-            pl_module.log(f"eval/{name}", value, sync_dist=False)  # the same on every rank
+            likelihood = likelihood_change(original["likelihood"], unlearned["likelihood"])
+        inception = self._inception_scores(original["samples"], unlearned["samples"],
+                                           pl_module.device)
         primary = paired["evaluators"]["classifier"]
-        self.results = {
-            "step": trainer.global_step,
-            "stage": trainer.state.fn.value,
-            "metrics": metrics,
+        details = {
             "paired": paired,
             "likelihood": likelihood,
             "inception": inception,
@@ -406,19 +375,17 @@ class UnlearningEvaluation(EvaluationCallback):
             "second_classifier": (None if self.second_classifier is None
                                   else str(self.second_classifier)),
         }
-        if trainer.is_global_zero:
-            self._write(trainer, original, unlearned)
-        return self.results
+        return self._metrics(paired, likelihood, inception), details
 
     @staticmethod
     def _metrics(paired: dict[str, Any], likelihood: dict[str, Any] | None,
                  inception: dict[str, Any] | None) -> dict[str, float]:
         """The scalar measures, flat, as logged and as in the report's table."""
         primary = paired["evaluators"]["classifier"]
-        fid = primary["u_fid_name"]
         metrics = {
-            "pul": primary["pul"], fid: primary["u_fid"],
-            f"original/{fid}": primary["u_fid_original"], "u_fid_ratio": primary["u_fid_ratio"],
+            "pul": primary["pul"],
+            **u_fid_metrics(primary["u_fid_name"], primary["u_fid_original"],
+                            primary["u_fid"]),
             "forget_fraction_original": primary["forget_fraction_original"],
             "forget_fraction_unlearned": primary["forget_fraction_unlearned"],
             "retained_drift": primary["retained_drift"],
@@ -447,105 +414,28 @@ class UnlearningEvaluation(EvaluationCallback):
             metrics[f"original/{inception['name']}"] = inception["u_fid_original"]
         return {name: float(value) for name, value in metrics.items()}
 
-    def _original_results(self, trainer: pl.Trainer, pl_module: pl.LightningModule
-                          ) -> dict[str, Any]:
-        """The original model's samples and likelihood: from ``cache_dir`` if it holds them
-        for this very model and these settings on every rank, else computed (and stored)."""
-        cache = key = entry = None
-        if self.cache_dir is not None:
-            cache, key = OriginalCache(self.cache_dir), self._original_key(pl_module)
-            entry = cache.load(key)
-        # Every rank must take the same path: computing means collectives (the gathering).
-        if trainer.strategy.reduce_boolean_decision(entry is not None, all=True):
-            samples, likelihood = from_entry(entry)
-            return {"samples": samples, "likelihood": likelihood}
-        samples = self._sample(trainer, pl_module, original=True)
-        likelihood = (None if self._held_out is None else
-                      self._likelihood(pl_module, original=True))
-        if cache is not None and trainer.is_global_zero:
-            cache.store(key, to_entry(samples, likelihood))
-        return {"samples": samples, "likelihood": likelihood}
-
-    def _original_key(self, pl_module: pl.LightningModule) -> str:
-        if not hasattr(pl_module, "original_unet") or not hasattr(pl_module, "scheduler"):
-            raise TypeError("cache_dir needs a module with original_unet and scheduler (the "
-                            "pre-trained network and schedule the cache is keyed by)")
-        held_out = {} if self._held_out is None else {
-            f"{part}_{what}": tensor for part, pair in self._held_out.items()
-            for what, tensor in zip(("images", "labels"), pair)}
-        return original_key(pl_module.original_unet, pl_module.scheduler.config,
-                            shape=list(pl_module.sample_shape), num_samples=self.num_samples,
-                            seed=self.seed, num_steps=self.num_steps, sampler=SAMPLER,
-                            conditional=self._conditional(pl_module),
-                            likelihood_timesteps=self.likelihood_timesteps, **held_out)
-
-    def _sample(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                original: bool) -> Tensor:
-        """All ``num_samples`` samples, in order: each rank draws its share and they are
-        gathered. A label-conditional model draws sample i with label i mod C, whatever the
-        rank or batch."""
-        world, rank = trainer.world_size, trainer.global_rank
-        noise = seeded_noise(self.num_samples, tuple(pl_module.sample_shape), self.seed)
-        mine = noise[rank::world]
-        labels = None
-        if self._conditional(pl_module):
-            labels = (torch.arange(self.num_samples) % pl_module.num_classes)[rank::world]
-        chunks = []
-        for index in torch.arange(len(mine)).split(self.batch_size):
-            chunk = mine[index]
-            kwargs = {} if labels is None else {"labels": labels[index]}
-            images = pl_module.sample_from(chunk.to(pl_module.device), original=original,
-                                           num_steps=self.num_steps, **kwargs)
-            if tuple(images.shape) != tuple(chunk.shape):
-                raise ValueError(f"sample_from returned shape {tuple(images.shape)} for noise "
-                                 f"of shape {tuple(chunk.shape)}")
-            chunks.append(images.float())
-        samples = torch.cat(chunks)
-        if world == 1:
-            return samples.cpu()
-        # Rank r holds samples r, r + W, ...: pad every share to the same length (the padding
-        # lands past the end), gather, and interleave to get samples 0, 1, 2, ...
-        per_rank = math.ceil(self.num_samples / world)
-        padding = samples[-1:].expand(per_rank - len(samples), *samples.shape[1:])
-        gathered = trainer.strategy.all_gather(torch.cat([samples, padding]))
-        interleaved = gathered.transpose(0, 1).reshape(-1, *samples.shape[1:])
-        return interleaved[:self.num_samples].cpu()
-
-    def _likelihood(self, pl_module: pl.LightningModule, original: bool
-                    ) -> dict[str, Likelihood]:
-        """The bound of each held-out part under one model (every rank computes all of it:
-        a few seconds, and no collective)."""
-        unet = pl_module.original_unet if original else pl_module.unet
-        conditional = self._conditional(pl_module)
-        return {part: variational_bound(unet, pl_module.scheduler.betas, images,
-                                        labels if conditional else None,
-                                        self.likelihood_timesteps, self.seed, self.batch_size)
-                for part, (images, labels) in self._held_out.items()}
-
     def _inception_scores(self, original: Tensor, unlearned: Tensor,
                           device: torch.device) -> dict[str, Any] | None:
         if self._inception is None:
             return None
         fid = self._inception.to(device)
-        values = []
-        for images in (original, unlearned):
-            fid.reset()
-            for chunk in images.split(self.batch_size):
-                fid.update(chunk.to(device), real=False)
-            values.append(float(fid.compute()))
-        fid.reset()
-        return {"name": fid.name, "u_fid_original": values[0], "u_fid": values[1],
-                "u_fid_ratio": values[1] / values[0] if values[0] > 0 else float("nan")}
+        fid_o, fid_u = (sample_fid(fid, images, self.batch_size)
+                        for images in (original, unlearned))
+        return {"name": fid.name, "u_fid_original": fid_o, "u_fid": fid_u,
+                "u_fid_ratio": u_fid_ratio(fid_o, fid_u)}
 
-    def _write(self, trainer: pl.Trainer, original: Tensor, unlearned: Tensor) -> None:
+    # ---- output -------------------------------------------------------------------------
+    @override
+    def _write_pictures(self, trainer: pl.Trainer, out: Path, results: dict[str, Any],
+                        original: dict[str, Any], unlearned: dict[str, Any]) -> None:
+        """The class histograms and the captioned before/after grid."""
         step = trainer.global_step
-        out = Path(self._out_dir)
-        results = self.write_results(out, step)
         try:
             save_histogram(out / f"histogram_step_{step:07d}.png", results["histograms"][
                 "original"], results["histograms"]["unlearned"], results["forget_classes"])
         except ImportError:
             rank_zero_warn("matplotlib is not installed: no histogram PNG (the JSON has it)")
+        original, unlearned = original["samples"], unlearned["samples"]
         count = min(self.grid_images, len(original))
         if count == 0:
             return
@@ -554,10 +444,7 @@ class UnlearningEvaluation(EvaluationCallback):
             original[:count], unlearned[:count],
             *(primary.predict(images[:count]) for images in (original, unlearned)),
             self._paired.forget_classes, evaluator="the classifier", tile=self.grid_tile)
-        path = out / f"samples_step_{step:07d}.png"
-        with atomic_file(path) as tmp:
-            picture.save(tmp, format="png")
-        grid = torch.from_numpy(np.array(picture)).permute(2, 0, 1).float() / 255
-        self.log_picture(trainer, path, grid,
-                         f"left original, right unlearned; step {step}, seed {self.seed}; "
-                         "captions: label and confidence; red: originals of a forgotten class")
+        self.write_picture(trainer, picture, out,
+                           f"left original, right unlearned; step {step}, seed {self.seed}; "
+                           "captions: label and confidence; red: originals of a forgotten "
+                           "class")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from typing_extensions import override
 
 from vdu_lightning.callbacks.evaluation import EvaluationCallback, json_plain
 from vdu_lightning.files import check_directory_writable
@@ -43,6 +44,7 @@ class ExportPretrained(pl.Callback):
         self.push_to_hub = push_to_hub
         self.hub_private = hub_private
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if not callable(getattr(pl_module, "save_pretrained", None)):
             raise TypeError(f"ExportPretrained needs a module with save_pretrained(); "
@@ -52,6 +54,7 @@ class ExportPretrained(pl.Callback):
             # The export comes last: a directory it cannot write must stop fit before training.
             check_directory_writable(self.dirpath, "ExportPretrained dirpath")
 
+    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.global_step == 0:
             # Nothing was trained, in this run or a run it resumed (e.g. max_steps=0): an

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import lightning.pytorch as pl
 import torch
+from typing_extensions import override
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -29,6 +30,7 @@ class UnlearningGuard(pl.Callback):
             - class_path: vdu_lightning.callbacks.UnlearningGuard
     """
 
+    @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
         terms = getattr(pl_module, "loss_terms", {})

@@ -1,4 +1,4 @@
-"""Callbacks that make the checkpoint prior (method.md §3).
+"""Callbacks that make the checkpoint prior (docs/method.md §3).
 
 * ``PriorSnapshot`` collects it while ``DiffusionModule`` trains (``trajectory``), or from K
   short continuations of a pre-trained model in one run (``finetune``).
@@ -14,6 +14,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from typing_extensions import override
 
 from vdu_lightning.checkpoints import WEIGHT_PREFIXES
 from vdu_lightning.files import check_file_writable
@@ -92,6 +93,7 @@ class PriorSnapshot(pl.Callback):
     def _network(self, pl_module: pl.LightningModule) -> torch.nn.Module:
         return pl_module.ema_unet if self.weights == "ema" else pl_module.unet
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
@@ -117,6 +119,7 @@ class PriorSnapshot(pl.Callback):
                     f"{self.every_n_steps}); a prior needs at least 2"
                 )
 
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.source == "finetune" and self._start_weights is None:
             # Only what trains can leave the start (for a text-to-image model a small part of
@@ -125,6 +128,7 @@ class PriorSnapshot(pl.Callback):
                                    for n, p in pl_module.unet.named_parameters()
                                    if p.requires_grad}
 
+    @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
@@ -147,6 +151,7 @@ class PriorSnapshot(pl.Callback):
         for optimizer in trainer.optimizers:
             optimizer.state.clear()
 
+    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
@@ -158,10 +163,12 @@ class PriorSnapshot(pl.Callback):
         prior.save(self.path)
         rank_zero_info(f"wrote {self.path}: {prior.describe()}")
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"last_step": self._last_step, "moments": self.moments.state_dict(),
                 "start_weights": self._start_weights}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._last_step = state_dict["last_step"]
         self.moments.load_state_dict(state_dict["moments"])
@@ -232,6 +239,7 @@ class CheckpointPrior(pl.Callback):
         return ParameterPrior.from_checkpoints(self.checkpoints, self.source, self.include,
                                                self.min_var, self.weights)
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit" or self.resuming or trainer.ckpt_path is not None:
             return

@@ -10,6 +10,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from torchvision.utils import make_grid, save_image
+from typing_extensions import override
 
 from vdu_lightning.files import atomic_file
 
@@ -60,6 +61,7 @@ class SampleGridLogger(pl.Callback):
         self.key = key
         self._last_logged_step = -1
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if not callable(getattr(pl_module, "sample", None)):
             raise TypeError(f"SampleGridLogger needs a module with a sample() method; "
@@ -76,12 +78,14 @@ class SampleGridLogger(pl.Callback):
             # trainer.log_dir is a collective: resolve it here, on every rank.
             self.dirpath = os.path.join(trainer.log_dir or trainer.default_root_dir, "samples")
 
+    @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: object, batch: object, batch_idx: int) -> None:
         step = trainer.global_step
         if step > 0 and step % self.every_n_steps == 0 and step != self._last_logged_step:
             self.log_grid(trainer, pl_module)
 
+    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.global_step != self._last_logged_step:
             self.log_grid(trainer, pl_module)

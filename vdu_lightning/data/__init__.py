@@ -1,20 +1,18 @@
 """Data sets (embedded, on disk, image folders) and the datamodules built on them."""
 
-from vdu_lightning.data.datamodules import ForgetSetDataModule, ImageDataModule, VDUDataModule
-from vdu_lightning.data.datasets import LabeledImages, stratified_split
-from vdu_lightning.data.folder import CaptionedImageFolder
-from vdu_lightning.data.registry import DATASETS, dataset_info, load_dataset
-from vdu_lightning.data.sampling import ResumableShuffle
+from vdu_lightning._lazy import lazy_namespace
 
-__all__ = [
-    "DATASETS",
-    "CaptionedImageFolder",
-    "ForgetSetDataModule",
-    "ImageDataModule",
-    "LabeledImages",
-    "ResumableShuffle",
-    "VDUDataModule",
-    "dataset_info",
-    "load_dataset",
-    "stratified_split",
-]
+_NAMES = {
+    "DATASETS": "vdu_lightning.data.registry",
+    "CaptionedImageFolder": "vdu_lightning.data.folder",
+    "ForgetSetDataModule": "vdu_lightning.data.datamodules",
+    "ImageDataModule": "vdu_lightning.data.datamodules",
+    "LabeledImages": "vdu_lightning.data.datasets",
+    "ResumableShuffle": "vdu_lightning.data.sampling",
+    "VDUDataModule": "vdu_lightning.data.datamodules",
+    "dataset_info": "vdu_lightning.data.registry",
+    "load_dataset": "vdu_lightning.data.registry",
+    "stratified_split": "vdu_lightning.data.datasets",
+}
+__getattr__, __dir__ = lazy_namespace(__name__, _NAMES)
+__all__ = sorted(_NAMES)

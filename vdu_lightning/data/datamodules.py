@@ -14,6 +14,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset, Subset
+from typing_extensions import override
 
 from vdu_lightning.data.datasets import check_image_size
 from vdu_lightning.data.folder import CaptionedImageFolder
@@ -129,6 +130,7 @@ class ImageDataModule(VDUDataModule):
         torch.Size([32, 1, 8, 8])
     """
 
+    @override
     def setup(self, stage: str) -> None:
         if stage == "fit" and not hasattr(self, "train_set"):
             self.train_set = self.load("train")
@@ -137,12 +139,15 @@ class ImageDataModule(VDUDataModule):
         if stage == "test" and not hasattr(self, "test_set"):
             self.test_set = self.load("test")
 
+    @override
     def train_dataloader(self) -> DataLoader:
         return self.loader(self.train_set, shuffle=True)
 
+    @override
     def val_dataloader(self) -> DataLoader:
         return self.loader(self.val_set, shuffle=False)
 
+    @override
     def test_dataloader(self) -> DataLoader:
         return self.loader(self.test_set, shuffle=False)
 
@@ -291,6 +296,7 @@ class ForgetSetDataModule(VDUDataModule):
             )
         return self.forget_dataset
 
+    @override
     def setup(self, stage: str) -> None:
         if hasattr(self, "forget_set"):
             return
@@ -347,6 +353,7 @@ class ForgetSetDataModule(VDUDataModule):
                     f"{hp.dataset!r} (val_fraction={hp.val_fraction}) has no item of its classes"
                 )
 
+    @override
     def train_dataloader(self) -> DataLoader | CombinedLoader:
         forget = self.loader(self.forget_set, shuffle=True)
         if self.retain_set is None:
@@ -354,10 +361,12 @@ class ForgetSetDataModule(VDUDataModule):
         retain = self.loader(self.retain_set, shuffle=True)
         return CombinedLoader({"forget": forget, "retain": retain}, mode="max_size_cycle")
 
+    @override
     def val_dataloader(self) -> list[DataLoader]:
         """``[forget_eval, retain_eval]``, in that order."""
         return [self.loader(part, shuffle=False)
                 for part in (self.forget_eval_set, self.retain_eval_set)]
 
+    @override
     def test_dataloader(self) -> list[DataLoader]:
         return self.val_dataloader()

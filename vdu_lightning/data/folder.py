@@ -14,6 +14,7 @@ import json
 import posixpath
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,17 +31,23 @@ METADATA_FILE = "metadata.jsonl"
 _GREY_16_BIT_MODES = ("I;16", "I;16B", "I;16L", "I")
 
 
-def _read_metadata(folder: Path) -> dict[str, dict]:
-    """``file_name`` (relative to the folder, '/'-separated) → its metadata row."""
-    rows: dict[str, dict] = {}
-    path = folder / METADATA_FILE
+def json_lines(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, value) of each non-blank line of a JSON Lines file; a line that is not
+    JSON is refused naming the file and the line."""
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            yield number, json.loads(line)
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}, line {number}: not valid JSON ({err.msg})") from err
+
+
+def _read_metadata(folder: Path) -> dict[str, dict]:
+    """``file_name`` (relative to the folder, '/'-separated) → its metadata row."""
+    rows: dict[str, dict] = {}
+    path = folder / METADATA_FILE
+    for number, row in json_lines(path):
         if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
             raise ValueError(f"{path}, line {number}: each line needs a string 'file_name'")
         # "./a.png" and "a.png" name the same file: keys are normalised like the paths.

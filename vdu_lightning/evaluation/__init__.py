@@ -1,5 +1,5 @@
 """The unlearning evaluation in plain torch: evaluators, paired comparison, likelihood,
-controls and pictures (method.md §4). No Lightning here: ``UnlearningEvaluation``, the demo
+controls and pictures (docs/method.md §4). No Lightning here: ``UnlearningEvaluation``, the demo
 and the benchmarks compose these pieces, so every evaluation path measures the same way.
 """
 

@@ -30,6 +30,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+from typing_extensions import override
 
 from vdu_lightning.files import atomic_directory
 
@@ -147,6 +148,7 @@ class ClassifierNet(nn.Module):
                              f"shape {tuple(images.shape)}")
         return self.body(standardise(images) if self.config["normalise"] else images)
 
+    @override
     def forward(self, images: Tensor) -> Tensor:
         """Logits ``[B, num_classes]``."""
         return self.head(self.features(images))

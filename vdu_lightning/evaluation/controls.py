@@ -1,4 +1,4 @@
-"""The controls every evaluation must pass before its numbers are believed (method.md §4).
+"""The controls every evaluation must pass before its numbers are believed (docs/method.md §4).
 
 Given the original model's samples, each control builds an "unlearned" set whose right score
 is known:

@@ -42,6 +42,23 @@ def intensity(images: Tensor) -> tuple[float, float]:
     return float(images.mean()), float(images[..., ~inner].mean())
 
 
+def u_fid_ratio(original: float, unlearned: float) -> float:
+    """u-FID(unlearned) / u-FID(original): 1 when unlearning left the retained classes' images
+    as they were (nan when the original's u-FID is not positive)."""
+    return unlearned / original if original > 0 else float("nan")
+
+
+def sample_fid(metric: UnlearnedFID, images: Tensor, batch_size: int) -> float:
+    """u-FID of ``images`` against the real images already in ``metric``; its sample side is
+    reset before and after (the real one is kept)."""
+    metric.reset()
+    for chunk in images.split(batch_size):
+        metric.update(chunk.to(metric.device).float(), real=False)
+    value = float(metric.compute())
+    metric.reset()
+    return value
+
+
 def retained_drift(original: Tensor, unlearned: Tensor, forget: Sequence[int]) -> float:
     """Total variation between the two histograms restricted to the retained classes
     (0: the same mix of retained classes; 1: disjoint)."""
@@ -129,13 +146,7 @@ class PairedEvaluation:
 
     def fid(self, evaluator: str, images: Tensor) -> float:
         """u-FID of ``images`` against the reference on one evaluator's features."""
-        metric = self.fids[evaluator]
-        metric.reset()  # the fake statistics only; the real ones are kept
-        for chunk in images.split(self.batch_size):
-            metric.update(chunk.to(metric.device).float(), real=False)
-        value = float(metric.compute())
-        metric.reset()
-        return value
+        return sample_fid(self.fids[evaluator], images, self.batch_size)
 
     def compare(self, original: Tensor, unlearned: Tensor) -> dict[str, Any]:
         """Every measure of the pair (see the module); plain numbers and lists."""
@@ -182,7 +193,7 @@ class PairedEvaluation:
             "u_fid_name": self.fid_name(name),
             "u_fid": fid_u,
             "u_fid_original": fid_o,
-            "u_fid_ratio": fid_u / fid_o if fid_o > 0 else float("nan"),
+            "u_fid_ratio": u_fid_ratio(fid_o, fid_u),
             "histogram_original": hist_o.tolist(),
             "histogram_unlearned": hist_u.tolist(),
             "forget_fraction_original": float(hist_o[forgotten].sum()) / len(original),

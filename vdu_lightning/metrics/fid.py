@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.utilities import rank_zero_warn
 from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
+from typing_extensions import override
 
 
 #: The file torch-fidelity downloads for FID (the TF Inception graph converted to PyTorch).
@@ -45,6 +46,7 @@ class _Frozen(nn.Module):
 
     num_features: int
 
+    @override
     def train(self, mode: bool = True) -> "_Frozen":
         return super().train(False)
 
@@ -73,6 +75,7 @@ class ClassifierFeatures(_Frozen):
         self.classifier = classifier.requires_grad_(False).eval()
         self.num_features = classifier.feature_dim
 
+    @override
     @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:
         _check_images(images)
@@ -130,6 +133,7 @@ class InceptionFeatures(_Frozen):
         self.inception = _build_inception(str(path), feature)
         self.num_features = feature
 
+    @override
     @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:
         _check_images(images)

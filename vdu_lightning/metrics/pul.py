@@ -2,7 +2,7 @@
 
 Sample N images from the original and from the unlearned model with the same seeds; a
 classifier counts those of the forgotten class(es) among each: n_orig and n_unl. Then
-PUL = 100 · (n_orig − n_unl) / n_orig (shared/method.md §4).
+PUL = 100 · (n_orig − n_unl) / n_orig (docs/method.md §4).
 """
 
 from __future__ import annotations

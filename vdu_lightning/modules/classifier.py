@@ -15,6 +15,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
+from typing_extensions import override
 
 from vdu_lightning.evaluation.classifier import ClassifierNet, load_classifier, save_classifier
 from vdu_lightning.evaluation.photometric import augment, random_shift
@@ -73,9 +74,11 @@ class ClassifierModule(pl.LightningModule):
         """Penultimate-layer features ``[B, feature_dim]`` of images in [-1, 1]."""
         return self.net.features(images)
 
+    @override
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images)
 
+    @override
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images = (augment(batch["image"], self.hparams.max_shift) if self.hparams.augment
                   else random_shift(batch["image"], self.hparams.max_shift))
@@ -86,12 +89,14 @@ class ClassifierModule(pl.LightningModule):
         self.log("train/acc", self.train_accuracy, on_step=False, on_epoch=True)
         return loss
 
+    @override
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         logits = self(batch["image"])
         self.val_accuracy(logits, batch["label"])
         self.log("val/loss", F.cross_entropy(logits, batch["label"]), sync_dist=True)
         self.log("val/acc", self.val_accuracy, prog_bar=True)
 
+    @override
     def configure_optimizers(self) -> dict:
         optimizer = torch.optim.AdamW(
             self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay

@@ -9,23 +9,26 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from typing_extensions import override
 
 from vdu_lightning.diffusion import (
     build_scheduler,
     build_unet,
     load_pretrained,
+    noised,
     predict_noise,
     sample_in_batches,
     sample_shape,
     save_pretrained,
     seeded_noise,
+    update_ema,
 )
 from vdu_lightning.modules.compat import check_data_fits_model
-from vdu_lightning.modules.noise import NoiseStreams
+from vdu_lightning.modules.noise import NoiseStreams, NoiseStreamsHooks
 from vdu_lightning.model_card import ExportCard, model_card
 
 
-class DiffusionModule(pl.LightningModule):
+class DiffusionModule(NoiseStreamsHooks, pl.LightningModule):
     """Trains a diffusers ``UNet2DModel`` as an ε-predicting DDPM, keeping an EMA copy.
 
     The EMA weights are what ``sample`` and ``save_pretrained`` use by default: they give
@@ -134,27 +137,23 @@ class DiffusionModule(pl.LightningModule):
         return sample_shape(self.unet)
 
     # ---- training -----------------------------------------------------------------------
+    @override
     def setup(self, stage: str) -> None:
         if self._trainer is not None and self.trainer.datamodule is not None:
             check_data_fits_model(self.trainer.datamodule, self.sample_shape, "the UNet")
-
-    def on_train_start(self) -> None:
-        self.noise.start(self)
 
     @property
     def noise_generator(self) -> torch.Generator | None:
         return self.noise.generator
 
+    @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.noise.save(self, checkpoint)
+        super().on_save_checkpoint(checkpoint)
         # The architecture travels with the weights: the checkpoint alone rebuilds the model
         # (vdu_lightning.checkpoints.load_diffusion_model), also when it started from a
         # pretrained directory that is gone.
         checkpoint["unet_config"] = dict(self.unet.config)
         checkpoint["scheduler_config"] = dict(self.scheduler.config)
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.noise.load(checkpoint)
 
     def denoising_loss(
         self,
@@ -164,14 +163,7 @@ class DiffusionModule(pl.LightningModule):
         generator: torch.Generator | None,
     ) -> torch.Tensor:
         """Mean ‖ε − ε_θ(x_t, t[, c])‖² with t ~ U{0..T−1} and ε ~ N(0, I)."""
-        batch = images.shape[0]
-        t = torch.randint(
-            0, self.scheduler.config.num_train_timesteps, (batch,),
-            device=images.device, generator=generator,
-        )
-        noise = torch.randn(images.shape, device=images.device, generator=generator,
-                            dtype=images.dtype)
-        x_t = self.scheduler.add_noise(images, noise, t)
+        x_t, noise, t = noised(self.scheduler, images, generator)
         return F.mse_loss(predict_noise(unet, x_t, t, labels).float(), noise.float())
 
     def _labels(self, batch: dict[str, torch.Tensor], drop: bool) -> torch.Tensor | None:
@@ -184,6 +176,7 @@ class DiffusionModule(pl.LightningModule):
             labels = torch.where(dropped, torch.full_like(labels, self.null_label), labels)
         return labels
 
+    @override
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.denoising_loss(
             self.unet, batch["image"], self._labels(batch, drop=True), self.noise_generator
@@ -191,6 +184,7 @@ class DiffusionModule(pl.LightningModule):
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
+    @override
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         # Here rather than in on_train_batch_end: called only when the optimizer steps (also
         # under gradient accumulation), and before any callback's on_train_batch_end, so
@@ -198,24 +192,11 @@ class DiffusionModule(pl.LightningModule):
         super().optimizer_step(*args, **kwargs)
         self.update_ema()
 
-    @torch.no_grad()
     def update_ema(self) -> None:
-        """ema ← decay·ema + (1 − decay)·θ, with the decay ramped up over the first steps.
+        """The EMA weights follow the step just taken (``diffusion.update_ema``)."""
+        update_ema(self.ema_unet, self.unet, self.hparams.ema_decay, self.global_step)
 
-        Written here rather than taken from a library, on purpose: Lightning's
-        ``EMAWeightAveraging`` swaps the averaged weights into the module for validation and
-        puts them in the checkpoint's ``state_dict`` in place of the raw ones, but the prior
-        callbacks (``PriorSnapshot(weights=raw|ema)``), ``load_diffusion_model(weights=...)``
-        and sampling during training need both sets side by side, under fixed names; it has
-        no warm-up either. diffusers' ``EMAModel`` keeps its shadow weights outside the
-        module, so Lightning would neither move, shard nor checkpoint them, and exact resume
-        would need a state of its own. An ``nn.Module`` copy gets all three for free.
-        """
-        step = self.global_step
-        decay = min(self.hparams.ema_decay, (1 + step) / (10 + step))
-        ema = list(self.ema_unet.parameters())
-        torch._foreach_lerp_(ema, [p.detach() for p in self.unet.parameters()], 1.0 - decay)
-
+    @override
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         # The same noise and timesteps for a batch at every validation: comparable curves.
         generator = torch.Generator(self.device).manual_seed(batch_idx)
@@ -225,6 +206,7 @@ class DiffusionModule(pl.LightningModule):
             loss = self.denoising_loss(unet, batch["image"], labels, generator)
             self.log(f"val/{name}", loss, prog_bar=name == "loss_ema", sync_dist=True)
 
+    @override
     def configure_optimizers(self) -> Any:
         optimizer = torch.optim.AdamW(
             self.unet.parameters(),

@@ -13,6 +13,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
+from typing_extensions import override
 
 from vdu_lightning.seeding import rank_generator
 
@@ -60,3 +61,25 @@ class NoiseStreams:
 
     def load(self, checkpoint: dict[str, Any]) -> None:
         self._resumed = checkpoint.get(CHECKPOINT_KEY)
+
+
+class NoiseStreamsHooks:
+    """The Lightning hooks that run a module's ``self.noise`` (a ``NoiseStreams``): put it
+    before ``pl.LightningModule`` in the bases; each hook calls the next class's too."""
+
+    noise: NoiseStreams
+
+    @override
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        self.noise.start(self)
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        self.noise.save(self, checkpoint)
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self.noise.load(checkpoint)

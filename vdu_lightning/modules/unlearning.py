@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,9 +21,11 @@ import torch
 from diffusers import DDPMScheduler
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
+from typing_extensions import override
 
 from vdu_lightning.checkpoints import WEIGHT_PREFIXES, load_diffusion_model
 from vdu_lightning.diffusion import (
+    noised,
     predict_noise,
     sample_in_batches,
     sample_shape,
@@ -36,14 +39,15 @@ from vdu_lightning.losses import (
     denoising_error,
     timestep_weights,
 )
+from vdu_lightning.modules.frozen import FrozenNetworks
 from vdu_lightning.modules.compat import check_data_fits_model, check_precision
-from vdu_lightning.modules.noise import NoiseStreams
+from vdu_lightning.modules.noise import NoiseStreams, NoiseStreamsHooks
 from vdu_lightning.model_card import ExportCard, model_card
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 
 
-class UnlearningModule(pl.LightningModule):
+class UnlearningModule(NoiseStreamsHooks, pl.LightningModule, ABC):
     """Base of every unlearning method: subclass it and define ``objective``.
 
     ``training_step`` calls ``objective(batch)``, which returns the named loss terms with the
@@ -58,7 +62,7 @@ class UnlearningModule(pl.LightningModule):
         weights: ``ema`` or ``raw`` weights of a ``DiffusionModule`` checkpoint.
         optimizer: ``adam``, ``adamw`` or ``sgd``; ``lr``, ``weight_decay``, ``betas`` (Adam).
         timestep_weighting: C_t of the denoising error, ``simple`` (1) or ``elbo``.
-        reduction: ``mean`` (per-entry averages) or ``sum`` (as written in method.md).
+        reduction: ``mean`` (per-entry averages) or ``sum`` (as written in docs/method.md §2).
         target_forget_loss: stop once the validation forget-set error reaches this.
         sample_steps: DDIM steps of ``sample``.
 
@@ -71,9 +75,6 @@ class UnlearningModule(pl.LightningModule):
     #: Whether the method needs nothing but the forget set (tables mark the ones that
     #: also need the retain data D_r).
     data_constrained: bool = True
-    #: Arguments a subclass fixes when it calls its parent (not its own hyperparameters):
-    #: left out of ``hparams`` so that ``load_from_checkpoint`` can rebuild the module.
-    fixed_parent_arguments: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -96,11 +97,12 @@ class UnlearningModule(pl.LightningModule):
         if not 0.0 < lr < math.inf:
             raise ValueError(f"lr must be a positive, finite learning rate, got {lr!r}")
         # Collects the arguments of every subclass's __init__ too.
-        self.save_hyperparameters(ignore=list(self.fixed_parent_arguments))
+        self.save_hyperparameters()
         self.pretrained, self.weights, self.optimizer = pretrained, weights, optimizer
         self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
         self.timestep_weighting, self.reduction = timestep_weighting, reduction
         self.target_forget_loss, self.sample_steps = target_forget_loss, sample_steps
+        self.frozen = FrozenNetworks()
         self.unet, self.scheduler, self.num_classes = self.load_model()
         # diffusers loads models in eval mode, and Lightning keeps the mode it finds.
         self.unet.train()
@@ -119,9 +121,9 @@ class UnlearningModule(pl.LightningModule):
         """What moves (default: every parameter of the network); the rest is frozen."""
         yield from self.unet.named_parameters()
 
+    @abstractmethod
     def objective(self, batch: Any) -> dict[str, torch.Tensor]:
         """The named terms of the loss, the total under ``"loss"``."""
-        raise NotImplementedError(f"{type(self).__name__} must define objective(batch)")
 
     # ---- loss terms the methods compose --------------------------------------------------------
     def denoising_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -138,12 +140,7 @@ class UnlearningModule(pl.LightningModule):
                timesteps: tuple[int, int] | None = None) -> tuple[torch.Tensor, ...]:
         """(x_t, ε, t) for images noised at t ~ U{lo..hi−1} with ε ~ N(0, I); ``timesteps``
         is the band (lo, hi), all of 0..T−1 by default."""
-        low, high = timesteps or (0, len(self.weight_per_timestep))
-        t = torch.randint(low, high, (images.shape[0],), device=images.device,
-                          generator=generator)
-        noise = torch.randn(images.shape, device=images.device, generator=generator,
-                            dtype=images.dtype)
-        return self.scheduler.add_noise(images, noise, t), noise, t
+        return noised(self.scheduler, images, generator, timesteps)
 
     def _predict_noise_of(self, batch: dict[str, torch.Tensor],
                           generator: torch.Generator | None) -> tuple[torch.Tensor, ...]:
@@ -176,6 +173,7 @@ class UnlearningModule(pl.LightningModule):
     def sample_shape(self) -> tuple[int, int, int]:
         return sample_shape(self.unet)
 
+    @override
     def setup(self, stage: str) -> None:
         if self._trainer is None:
             return
@@ -192,9 +190,7 @@ class UnlearningModule(pl.LightningModule):
         for parameter in self.parameters():
             parameter.requires_grad_(id(parameter) in moving)
 
-    def on_train_start(self) -> None:
-        self.noise.start(self)
-
+    @override
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         terms = self.objective(batch)
         self.loss_terms = {name: value.detach() for name, value in terms.items()}
@@ -211,14 +207,17 @@ class UnlearningModule(pl.LightningModule):
         self.log(f"{stage}/{part}_loss", denoising_error(predicted, noise), sync_dist=True,
                  add_dataloader_idx=False, prog_bar=part == "forget")
 
+    @override
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int,
                         dataloader_idx: int = 0) -> None:
         self._evaluation_step("val", batch, batch_idx, dataloader_idx)
 
+    @override
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int,
                   dataloader_idx: int = 0) -> None:
         self._evaluation_step("test", batch, batch_idx, dataloader_idx)
 
+    @override
     def on_validation_epoch_end(self) -> None:
         target = self.target_forget_loss
         if target is None or self.trainer.sanity_checking or self.trainer.state.fn != "fit":
@@ -230,6 +229,7 @@ class UnlearningModule(pl.LightningModule):
                            f"{target} at step {self.global_step}: stopping")
             self.trainer.should_stop = True
 
+    @override
     def configure_optimizers(self) -> torch.optim.Optimizer:
         parameters = [p for _, p in self.unlearning_parameters()]
         if not parameters:
@@ -239,22 +239,12 @@ class UnlearningModule(pl.LightningModule):
             kwargs["betas"] = self.betas
         return OPTIMIZERS[self.optimizer](parameters, **kwargs)
 
-    # ---- checkpoints ----------------------------------------------------------------------
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.noise.save(self, checkpoint)
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.noise.load(checkpoint)
-
     # ---- sampling and export --------------------------------------------------------------
     @property
     def original_unet(self) -> nn.Module:
-        """The pre-trained network, read again from ``pretrained`` on first use (kept out of
-        the module's children: not trained, not checkpointed, not synchronised by DDP)."""
-        if "_original_unet" not in self.__dict__:
-            unet = self.load_model()[0].requires_grad_(False).eval()
-            self.__dict__["_original_unet"] = unet
-        return self.__dict__["_original_unet"].to(self.device)
+        """The pre-trained network, read again from ``pretrained`` on first use (frozen, out
+        of the module's children: ``FrozenNetworks``)."""
+        return self.frozen.get("original", self.device, load=lambda: self.load_model()[0])
 
     @torch.no_grad()
     def sample_from(self, noise: torch.Tensor, original: bool = False,

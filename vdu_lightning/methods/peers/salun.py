@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
+from typing_extensions import override
 
 from vdu_lightning.diffusion import predict_noise
 from vdu_lightning.losses import denoising_error
@@ -37,7 +38,7 @@ def saliency_mask(gradients: dict[str, torch.Tensor], fraction: float) -> dict[s
 
 
 class SalUnModule(UnlearningModule):
-    """SalUn (method.md §7): a saliency mask, then forget with the masked weights only.
+    """SalUn (docs/method.md §7): a saliency mask, then forget with the masked weights only.
 
     At the start of fit one pass over the whole forget set gives the gradient of its
     denoising error at θ*; the ``saliency`` fraction of weights with the largest |gradient|
@@ -71,6 +72,7 @@ class SalUnModule(UnlearningModule):
         self.data_constrained = retain_weight == 0
 
     # ---- the mask -------------------------------------------------------------------------
+    @override
     def on_train_start(self) -> None:
         super().on_train_start()
         if self.mask is None:
@@ -99,6 +101,7 @@ class SalUnModule(UnlearningModule):
         self.unet.zero_grad(set_to_none=True)
         return gradients
 
+    @override
     def on_after_backward(self) -> None:
         for name, parameter in self.unet.named_parameters():
             if parameter.grad is not None:
@@ -132,11 +135,13 @@ class SalUnModule(UnlearningModule):
         return terms
 
     # ---- checkpoints ----------------------------------------------------------------------
+    @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         if self.mask is not None:
             checkpoint[MASK_KEY] = {n: m.cpu() for n, m in self.mask.items()}
 
+    @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
         if MASK_KEY in checkpoint:

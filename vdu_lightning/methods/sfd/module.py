@@ -1,4 +1,4 @@
-"""``SFDModule``: Score Forgetting Distillation into a one-step generator (method.md §6).
+"""``SFDModule``: Score Forgetting Distillation into a one-step generator (docs/method.md §6).
 
 Three copies of a label-conditional teacher: the teacher f_φ (frozen), a fake-score network
 f_ψ and the one-step generator G_θ. Each training step takes one fake-score step (denoising
@@ -20,21 +20,27 @@ from lightning.pytorch.strategies import DDPStrategy
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
+from typing_extensions import override
 
 from vdu_lightning.checkpoints import load_diffusion_model
 from vdu_lightning.modules.compat import check_precision
-from vdu_lightning.diffusion import predict_noise, sample_shape
+from vdu_lightning.diffusion import noised, predict_noise, sample_shape, update_ema
 from vdu_lightning.evaluation.classifier import ClassifierNet, load_classifier
 from vdu_lightning.losses import check_choice
-from vdu_lightning.modules.noise import NoiseStreams
-from vdu_lightning.one_step import OneStepGeneratorPipeline, one_step_images
-from vdu_lightning.score_distillation import fake_score_loss, sid_generator_loss, x0_from_epsilon
+from vdu_lightning.modules.frozen import FrozenNetworks
+from vdu_lightning.modules.noise import NoiseStreams, NoiseStreamsHooks
+from vdu_lightning.methods.sfd import OneStepGeneratorPipeline, one_step_images
+from vdu_lightning.methods.sfd.score_distillation import (
+    fake_score_loss,
+    sid_generator_loss,
+    x0_from_epsilon,
+)
 from vdu_lightning.model_card import ExportCard, model_card
 
 OVERRIDES = ("fixed", "random", "classifier")
 
 
-class SFDModule(pl.LightningModule):
+class SFDModule(NoiseStreamsHooks, pl.LightningModule):
     """Distil a label-conditional DDPM into a one-step generator that forgets ``forget_classes``.
 
     With ``forget_classes=[]`` it is plain Score identity Distillation (SiD): every label is
@@ -123,28 +129,29 @@ class SFDModule(pl.LightningModule):
         self.generator = unet
         self.fake_score = copy.deepcopy(unet)
         self.ema_generator = copy.deepcopy(unet).requires_grad_(False)
-        # The teacher never trains: outside the children, so neither checkpointed nor given
-        # to the optimizers or DDP (as UnlearningModule's original network).
-        self.__dict__["_teacher"] = copy.deepcopy(unet).requires_grad_(False).eval()
+        # The teacher never trains: outside the children (``FrozenNetworks``).
+        self.frozen = FrozenNetworks()
+        self.frozen.add("teacher", copy.deepcopy(unet))
         self.noise = NoiseStreams()
 
     @property
     def teacher(self) -> nn.Module:
-        return self.__dict__["_teacher"].to(self.device)
+        return self.frozen.get("teacher", self.device)
 
     def override_classifier(self) -> ClassifierNet | None:
         """The ``classifier`` override's classifier (frozen, outside the children), loaded on
         first use, so that a bad directory is named at setup and a module built in Python
         costs nothing until it trains."""
         path = self.hparams.classifier
-        if path is not None and "_classifier" not in self.__dict__:
-            loaded = load_classifier(path).requires_grad_(False)
+        if path is None:
+            return None
+        if "classifier" not in self.frozen:
+            loaded = load_classifier(path)
             if loaded.num_classes != self.num_classes:
                 raise ValueError(f"the classifier {path} tells {loaded.num_classes} "
                                  f"classes apart; the teacher has {self.num_classes} labels")
-            self.__dict__["_classifier"] = loaded
-        classifier = self.__dict__.get("_classifier")
-        return None if classifier is None else classifier.to(self.device)
+            self.frozen.add("classifier", loaded)
+        return self.frozen.get("classifier", self.device)
 
     # ---- sampling ---------------------------------------------------------------------------
     def x0(self, network: nn.Module, x_t: torch.Tensor, t: torch.Tensor,
@@ -217,12 +224,11 @@ class SFDModule(pl.LightningModule):
 
     def noised(self, x0: torch.Tensor, generator: torch.Generator | None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        t = torch.randint(self.hparams.t_min, self.hparams.t_max, (x0.shape[0],),
-                          device=x0.device, generator=generator)
-        noise = torch.randn(x0.shape, device=x0.device, generator=generator)
-        return self.scheduler.add_noise(x0, noise, t), noise, t
+        """(x_t, ε, t) with t in SFD's band t_min..t_max−1."""
+        return noised(self.scheduler, x0, generator, (self.hparams.t_min, self.hparams.t_max))
 
     # ---- training ---------------------------------------------------------------------------
+    @override
     def setup(self, stage: str) -> None:
         check_precision(self.trainer, type(self).__name__)
         self.override_classifier()  # loaded and checked before any step
@@ -241,15 +247,7 @@ class SFDModule(pl.LightningModule):
                     "--trainer.strategy=ddp_find_unused_parameters_true, or "
                     "DDPStrategy(find_unused_parameters=True)")
 
-    def on_train_start(self) -> None:
-        self.noise.start(self)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.noise.save(self, checkpoint)
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.noise.load(checkpoint)
-
+    @override
     def training_step(self, batch: Any, batch_idx: int) -> None:
         fake_optimizer, generator_optimizer = self.optimizers()
         rng = self.noise.generator
@@ -290,27 +288,28 @@ class SFDModule(pl.LightningModule):
         self.manual_backward(loss)
         optimizer.step()
 
+    @override
     def on_before_optimizer_step(self, optimizer: Any) -> None:
         # Here, not after manual_backward: under 16-mixed the gradients are unscaled by now.
         if self.hparams.grad_clip > 0:
             self.clip_gradients(optimizer, gradient_clip_val=self.hparams.grad_clip,
                                 gradient_clip_algorithm="value")
 
-    @torch.no_grad()
     def update_ema(self) -> None:
-        decay = min(self.hparams.ema_decay, (1 + self.iteration) / (10 + self.iteration))
-        ema = list(self.ema_generator.parameters())
-        torch._foreach_lerp_(ema, [p.detach() for p in self.generator.parameters()], 1.0 - decay)
+        """The EMA generator follows the step just taken (``diffusion.update_ema``)."""
+        update_ema(self.ema_generator, self.generator, self.hparams.ema_decay, self.iteration)
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
         return sample_shape(self.generator)
 
+    @override
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         kwargs = {"lr": self.hparams.lr, "betas": tuple(self.hparams.betas)}
         return [torch.optim.Adam(self.fake_score.parameters(), **kwargs),
                 torch.optim.Adam(self.generator.parameters(), **kwargs)]
 
+    @override
     def train_dataloader(self) -> DataLoader:
         # SFD needs no data: one item per step paces the epoch.
         return DataLoader(range(self.hparams.steps_per_epoch), batch_size=1)

@@ -1,4 +1,4 @@
-"""VDU feature unlearning on Stable-Diffusion-style models (method §5), and the fine-tuning
+"""VDU feature unlearning on Stable-Diffusion-style models (docs/method.md §5), and the fine-tuning
 that makes its ``finetune`` prior.
 
 ``TextToImageVDUModule``: the same loss as ``VDUModule`` on ε_θ(z_t, t, c), z the frozen VAE's
@@ -21,11 +21,12 @@ import torch
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
+from typing_extensions import override
 
 from vdu_lightning.losses import denoising_error
 from vdu_lightning.modules.unlearning import UnlearningModule
-from vdu_lightning.modules.vdu import VDUModule
-from vdu_lightning.pipelines import load_pipeline, save_pipeline
+from vdu_lightning.methods.vdu.module import VDUModule
+from vdu_lightning.methods.text_to_image.pipelines import load_pipeline, save_pipeline
 from vdu_lightning.prior import ParameterPrior, select_names
 from vdu_lightning.model_card import ExportCard, model_card
 
@@ -87,18 +88,16 @@ class TextToImageModel:
             parameter.requires_grad_(name in names)
         if self.hparams.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
-        self.__dict__["_latent_cache"] = {}
+        self._latent_cache: dict[Any, Any] = {}
 
     # ---- the model ------------------------------------------------------------------------
+    @override
     def load_model(self) -> tuple[nn.Module, DDPMScheduler, None]:
         pipeline = load_pipeline(self.pretrained)
-        # Frozen parts live outside the module's children: not trained, not checkpointed,
-        # not synchronised by DDP (as ``original_unet``).
-        self.__dict__["_frozen"] = {
-            "vae": pipeline.vae.requires_grad_(False).eval(),
-            "text_encoder": pipeline.text_encoder.requires_grad_(False).eval(),
-            "tokenizer": pipeline.tokenizer,
-        }
+        # Frozen parts live outside the module's children (``FrozenNetworks``).
+        self.frozen.add("vae", pipeline.vae)
+        self.frozen.add("text_encoder", pipeline.text_encoder)
+        self.tokenizer = pipeline.tokenizer
         # Training noises with DDPM's forward process whatever sampler the pipeline ships.
         scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
         if (scheduler.config.prediction_type != "epsilon"
@@ -112,15 +111,12 @@ class TextToImageModel:
         return select_names((n for n, _ in self.unet.named_parameters()),
                             trainable_patterns(self.hparams.trainable))
 
-    def _frozen_part(self, name: str) -> Any:
-        part = self.__dict__["_frozen"][name]
-        return part.to(self.device) if isinstance(part, nn.Module) else part
-
+    @override
     @property
     def sample_shape(self) -> tuple[int, int, int]:
         """(C, H, W) of the images the pipeline takes and makes (the data are checked
         against it), not of its latents."""
-        vae = self.__dict__["_frozen"]["vae"]
+        vae = self.frozen.get("vae")
         size = self.unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
         return (vae.config.in_channels, size, size)
 
@@ -129,7 +125,7 @@ class TextToImageModel:
     def encode_images(self, images: torch.Tensor,
                       generator: torch.Generator | None) -> torch.Tensor:
         """Scaled latents z ~ q(z | x) of images in [-1, 1]."""
-        vae = self._frozen_part("vae")
+        vae = self.frozen.get("vae", self.device)
         if self.hparams.cache_latents:
             mean, std = self._cached_distributions(images, vae)
         else:
@@ -142,7 +138,7 @@ class TextToImageModel:
     def _cached_distributions(self, images: torch.Tensor,
                               vae: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         # Keyed by the pixels: batches come shuffled, and an image has no index of its own.
-        cache = self.__dict__["_latent_cache"]
+        cache = self._latent_cache
         keys = [hashlib.sha1(image.cpu().numpy().tobytes()).hexdigest() for image in images]
         new = [i for i, key in enumerate(keys) if key not in cache]
         if new:
@@ -155,10 +151,10 @@ class TextToImageModel:
 
     @torch.no_grad()
     def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
-        tokenizer = self._frozen_part("tokenizer")
+        tokenizer = self.tokenizer
         ids = tokenizer(list(prompts), padding="max_length", truncation=True,
                         max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
-        return self._frozen_part("text_encoder")(ids.to(self.device))[0]
+        return self.frozen.get("text_encoder", self.device)(ids.to(self.device))[0]
 
     def prompts_of(self, batch: dict[str, Any], forget: bool = True) -> list[str]:
         """The prompts a batch is conditioned on: ``concept_prompt`` for forget images when
@@ -173,12 +169,14 @@ class TextToImageModel:
             check_captions(captions)
         return captions
 
+    @override
     def setup(self, stage: str) -> None:
         super().setup(stage)
         forget = getattr(self.trainer.datamodule, "forget_set", None) if self._trainer else None
         if self.hparams.concept_prompt is None and hasattr(forget, "captions"):
             check_captions(forget.captions, getattr(forget, "files", None))
 
+    @override
     def _predict_noise_of(self, batch: dict[str, Any], generator: torch.Generator | None,
                           forget: bool = True) -> tuple[torch.Tensor, ...]:
         """(UNet output, its target, t): the target is ε, or v for a v-prediction model."""
@@ -189,6 +187,7 @@ class TextToImageModel:
                   else self.scheduler.get_velocity(latents, noise, t))
         return self.unet(x_t, t, encoder_hidden_states=context).sample, target, t
 
+    @override
     def _evaluation_step(self, stage: str, batch: dict[str, Any], batch_idx: int,
                          dataloader_idx: int) -> None:
         # As the base, but retain images (loader 1) keep their captions (see prompts_of).
@@ -204,16 +203,19 @@ class TextToImageModel:
         parts = {} if original else {"unet": self.unet}
         return load_pipeline(self.pretrained, **parts).to(self.device)
 
+    @override
     def sample_from(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         raise NotImplementedError("a text-to-image model samples from prompts: use "
                                   "module.pipeline()(prompt, generator=...)")
 
+    @override
     def save_pretrained(self, path: str | os.PathLike, card: ExportCard | None = None) -> None:
         """Write the unlearned pipeline directory (atomically): the pre-trained VAE, text
         encoder, tokenizer and scheduler with the unlearned UNet, and a README card
         (``card`` or ``model_card()``)."""
         save_pipeline(self.pipeline(), path, card or self.model_card(where=str(path)))
 
+    @override
     def model_card(self, forget_set: str | None = None, evaluation: dict | None = None,
                    picture: str | os.PathLike | None = None, where: str = "path/to/this/folder"
                    ) -> ExportCard:
@@ -255,6 +257,7 @@ class TextToImageVDUModule(TextToImageModel, VDUModule):
         self._init_text_to_image(trainable)
 
     # ---- the prior: only the trainable subset ---------------------------------------------
+    @override
     def set_prior(self, prior: ParameterPrior) -> None:
         """Use the part of ``prior`` over the trainable parameters (refused if none)."""
         keep = [n for n in self.trainable_names() if n in prior.mean]
@@ -288,9 +291,11 @@ class TextToImageFinetuneModule(TextToImageModel, UnlearningModule):
         super().__init__(pretrained, **kwargs)
         self._init_text_to_image(trainable)
 
+    @override
     def unlearning_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         names = set(self.trainable_names())
         return ((n, p) for n, p in self.unet.named_parameters() if n in names)
 
+    @override
     def objective(self, batch: Any) -> dict[str, torch.Tensor]:
         return {"loss": self.denoising_loss(self.split_batch(batch)[0])}

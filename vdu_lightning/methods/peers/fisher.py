@@ -1,7 +1,7 @@
 """The diagonal Fisher information of a diffusion model, as EWC / Selective Amnesia use it.
 
 F_i = E_x[(∂ℓ(x)/∂θ_i)²] with ℓ(x) = Σ_t ‖ε − ε_θ(x_t, t[, c])‖² the ε-loss of one image
-summed over the timesteps (method.md §7), x drawn from the model itself. Each image costs one
+summed over the timesteps (docs/method.md §7), x drawn from the model itself. Each image costs one
 forward and backward pass over its timesteps, which is why the Fisher is the expensive part of
 EWC; ``num_timesteps`` evenly spaced timesteps (scaled by T / num_timesteps) estimate the sum
 over all T for less.

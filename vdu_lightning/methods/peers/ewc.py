@@ -1,4 +1,5 @@
-"""EWC / Selective Amnesia: a Fisher-weighted pull to θ*, generative replay, a surrogate."""
+"""EWC / Selective Amnesia (docs/method.md §7): a Fisher-weighted pull to θ*, generative replay,
+a surrogate."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ from typing import Any
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
 
-from vdu_lightning.fisher import diagonal_fisher
-from vdu_lightning.losses import check_choice, stability_penalty
 from vdu_lightning.evaluation.classifier import load_classifier
-from vdu_lightning.modules.vdu import VDUModule
+from vdu_lightning.losses import check_choice
+from vdu_lightning.methods.peers.fisher import diagonal_fisher
+from vdu_lightning.modules.prior_penalty import PriorPenaltyModule
 from vdu_lightning.prior import ParameterPrior
 
 FORGET_OBJECTIVES = ("ascent", "surrogate")
@@ -20,12 +22,13 @@ FORGET_OBJECTIVES = ("ascent", "surrogate")
 _TINY_FISHER = 1e-30
 
 
-class EWCModule(VDUModule):
+class EWCModule(PriorPenaltyModule):
     """forget term + λ·Σ F_i (θ_i − θ*_i)² [+ replay]: EWC, and Selective Amnesia's parts.
 
     F is the diagonal Fisher of the original model on ``fisher_samples`` of its own samples
-    (``vdu_lightning.fisher``), computed at the start of fit, or read from ``fisher_path``
-    (written there after the first computation, so several runs share one estimate). It is
+    (``fisher.py`` beside this file), computed at the start of fit, or read from
+    ``fisher_path`` (written there after the first computation, so several runs share one
+    estimate). It is
     kept as a prior N(θ*, 1/(2F)) (source ``fisher``), so λ·S of that prior, summed over
     parameters, is exactly the EWC penalty, and it travels in checkpoints like VDU's.
 
@@ -57,8 +60,6 @@ class EWCModule(VDUModule):
         ... # doctest: +SKIP
     """
 
-    fixed_parent_arguments = ("gamma",)
-
     def __init__(
         self,
         pretrained: str,
@@ -79,8 +80,7 @@ class EWCModule(VDUModule):
             raise ValueError(f"fisher_samples must be at least 1, got {fisher_samples!r}")
         if replay_samples < 0:
             raise ValueError(f"replay_samples must be >= 0, got {replay_samples!r}")
-        # γ is VDU's and unused here (EWC weighs its terms with λ and replay_weight).
-        super().__init__(pretrained, gamma=0.5, **kwargs)
+        super().__init__(pretrained, **kwargs)
         if forget_objective == "surrogate" and not self.conditional:
             raise ValueError("forget_objective='surrogate' maps the forgotten labels to noise "
                              "images and needs a label-conditional model; this one is "
@@ -92,6 +92,7 @@ class EWCModule(VDUModule):
         self.replay: dict[str, torch.Tensor] | None = None
 
     # ---- the Fisher prior and the replay set, at the start of fit --------------------------
+    @override
     def on_fit_start(self) -> None:
         if self.prior is None:  # a resumed run restored it from its checkpoint
             self.set_prior(self._fisher_prior())
@@ -145,11 +146,11 @@ class EWCModule(VDUModule):
         return {"image": images[keep], "label": predicted[keep]}
 
     # ---- the objective --------------------------------------------------------------------
+    @override
     def stability_loss(self) -> torch.Tensor:
-        """λ·Σ F (θ − θ*)² (summed over parameters, as published; ÷ D for ``mean``)."""
-        params, means, inv_stds = self._prior_tensors()
-        local = stability_penalty(params, means, inv_stds, "sum")
-        penalty = self.hparams.ewc_weight * self.sum_over_shards(local)
+        """λ·Σ F (θ − θ*)² (summed over parameters, as published; ÷ D for ``mean``): the
+        quadratic of the prior N(θ*, 1/(2F))."""
+        penalty = self.hparams.ewc_weight * self.prior_quadratic()
         if self.reduction == "mean":
             penalty = penalty / math.prod(self.sample_shape)
         return penalty
@@ -161,6 +162,7 @@ class EWCModule(VDUModule):
                                   generator=self.noise.generator) * 2 - 1
         return self.denoising_loss({"image": noise_images, "label": forget["label"]})
 
+    @override
     def objective(self, batch: Any) -> dict[str, torch.Tensor]:
         forget = self.split_batch(batch)[0]
         if self.hparams.forget_objective == "surrogate":

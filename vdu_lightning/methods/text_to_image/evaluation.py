@@ -1,11 +1,13 @@
-"""``TextToImageEvaluation``: PUL, CLIP score, u-FID and grids for feature unlearning (method §5).
+"""``TextToImageEvaluation``: PUL, CLIP score, u-FID and grids for feature unlearning
+(docs/method.md §5).
 
 The text-to-image counterpart of ``UnlearningEvaluation``: instead of a classifier over
 classes, a *concept detector* the user supplies says in which images the concept is present;
 instead of noises, prompts and seeds. Image (prompt p, seed s) is drawn by the original and by
 the unlearned pipeline from the same CPU generator seeded s, so the two sets are paired. The
 original model never changes: its scores, its FID and its grid images are computed once and
-kept; later evaluations generate only with the unlearned model.
+kept; later evaluations generate only with the unlearned model. What every evaluation callback
+shares is ``EvaluationCallback``'s.
 """
 
 from __future__ import annotations
@@ -13,21 +15,26 @@ from __future__ import annotations
 import importlib
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
+from typing_extensions import override
 
-from vdu_lightning.callbacks.evaluation import EvaluationCallback, _positive
+from vdu_lightning.callbacks.evaluation_base import (
+    EvaluationCallback,
+    _positive,
+    u_fid_metrics,
+)
 from vdu_lightning.callbacks.samples import image_grid
 from vdu_lightning.data.folder import CaptionedImageFolder
-from vdu_lightning.evaluation import load_classifier
-from vdu_lightning.files import check_directory_writable
-from vdu_lightning.metrics import UnlearnedFID, percent_unlearned
-from vdu_lightning.modules.compat import refuse_sharded_weights
+from vdu_lightning.metrics import PromptCLIPScore, UnlearnedFID, clip_scores, percent_unlearned
+
+__all__ = ["TextToImageEvaluation", "clip_scores", "load_clip", "load_detector",
+           "sampler_name"]
 
 
 def load_detector(path: str, args: dict[str, Any] | None = None) -> Callable[[Tensor], Tensor]:
@@ -88,36 +95,6 @@ def load_clip(path: str | os.PathLike) -> tuple[nn.Module, Any]:
     return model.requires_grad_(False).eval(), processor
 
 
-def _embedding(output: Any) -> Tensor:
-    # transformers >= 5 returns a ModelOutput whose pooler_output is the projected embedding;
-    # older versions the tensor itself (torchmetrics 1.9's CLIPScore breaks on the former,
-    # Lightning-AI/torchmetrics#3407, hence this computation of the same score).
-    return output if isinstance(output, Tensor) else output.pooler_output
-
-
-@torch.no_grad()
-def clip_scores(model: nn.Module, processor: Any, images: Tensor,
-                prompts: Sequence[str]) -> Tensor:
-    """100 · cos(image, prompt embeddings) per image, float64 ``[B]``, as torchmetrics' CLIPScore
-    computes it per sample (its score is the mean clipped at 0). Images [B, 3, H, W] in [0, 1]
-    go to the processor as uint8 pixels, as torchmetrics passes them."""
-    device = next(model.parameters()).device
-    pixels = (images.float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
-    image_in = processor(images=list(pixels), return_tensors="pt")
-    text_in = processor(text=list(prompts), return_tensors="pt", padding=True, truncation=True)
-    image = _embedding(model.get_image_features(image_in["pixel_values"].to(device)))
-    text = _embedding(model.get_text_features(text_in["input_ids"].to(device),
-                                              text_in["attention_mask"].to(device)))
-    image = image / image.norm(p=2, dim=-1, keepdim=True)
-    text = text / text.norm(p=2, dim=-1, keepdim=True)
-    return (100 * (image * text).sum(dim=-1)).double().cpu()
-
-
-def _mean_clip(scores: Tensor) -> float:
-    """torchmetrics' CLIPScore over per-image scores: their mean, clipped at 0."""
-    return max(float(scores.mean()), 0.0)
-
-
 class TextToImageEvaluation(EvaluationCallback):
     """Evaluate feature unlearning on ``vdu validate`` / ``vdu test``: PUL, CLIP score, u-FID,
     side-by-side grids.
@@ -136,19 +113,19 @@ class TextToImageEvaluation(EvaluationCallback):
     ``eval/<fid name>`` (e.g. ``u_fid/classifier/pndm50``: features, sampler, steps),
     ``eval/original/<fid name>`` and ``eval/u_fid_ratio``. u-FID compares the images of
     ``retain_prompts`` (those of ``prompts`` when there are none) with the reference folder.
-    The CLIP score is torchmetrics' ``CLIPScore``: the mean over images of 100 · cos(image,
-    prompt), clipped at 0 (computed with transformers here: torchmetrics 1.9's fails on
-    transformers 5's outputs). Rank 0 writes ``evaluation_step_XXXXXXX.json`` (metrics,
-    per-image detector and CLIP scores, settings) and ``samples_step_XXXXXXX.png`` (left
-    original, right unlearned; a row per grid prompt, a column per seed) to ``dirpath``, and
-    logs the grid to W&B (``eval/samples``) or TensorBoard. The last results stay in
-    ``self.results``.
+    The CLIP score is ``PromptCLIPScore``, equal to torchmetrics' ``CLIPScore``: the mean
+    over images of 100 · cos(image, prompt), clipped at 0. Rank 0 writes
+    ``evaluation_step_XXXXXXX.json`` (metrics, per-image detector and CLIP scores, settings)
+    and ``samples_step_XXXXXXX.png`` (left original, right unlearned; a row per grid prompt, a
+    column per seed) to ``dirpath``, and logs the grid to W&B (``eval/samples``) or
+    TensorBoard. The last results stay in ``self.results``.
 
     DDP: image k (prompt k // n, seed k % n, over ``prompts`` then ``retain_prompts``) is
     made by rank k mod world_size, so the work is shared. Per-image scores and grid images go
-    into full-length zero tensors summed across ranks (``strategy.reduce``), FID statistics
-    sync through the metric: every rank reaches the same collectives in the same order, so no
-    rank waits for one that skipped them, and every rank ends with the same results (equal to
+    into full-length zero tensors summed across ranks (``EvaluationCallback._gather``), and
+    the CLIP score's means are taken over them; FID statistics sync through the metric: every
+    rank reaches the same collectives in the same order, so no rank waits for one that
+    skipped them, and every rank ends with the same results (equal to
     one process's up to the rounding of other batch compositions; checked once by hand with
     2 CPU ranks: the same detector scores and grid, CLIP and FID within 1e-5). Every rank
     needs at least one image of each prompt list (refused at setup otherwise).
@@ -244,7 +221,7 @@ class TextToImageEvaluation(EvaluationCallback):
         self.grid_seeds = min(grid_seeds, images_per_prompt)
         super().__init__(dirpath, during_fit)
         self._fid: UnlearnedFID | None = None
-        self._clip: tuple[nn.Module, Any] | None = None
+        self._clip: PromptCLIPScore | None = None
 
     # ---- which image is which ---------------------------------------------------------------
     @property
@@ -252,12 +229,16 @@ class TextToImageEvaluation(EvaluationCallback):
         """Images of ``prompts``: k < _num_forget; those of ``retain_prompts`` follow."""
         return len(self.prompts) * self.images_per_prompt
 
+    @property
+    def _num_images(self) -> int:
+        return (len(self.prompts) + len(self.retain_prompts)) * self.images_per_prompt
+
     def _prompt_of(self, k: int) -> str:
         return (self.prompts + self.retain_prompts)[k // self.images_per_prompt]
 
     def _fid_images(self) -> range:
-        total = (len(self.prompts) + len(self.retain_prompts)) * self.images_per_prompt
-        return range(self._num_forget, total) if self.retain_prompts else range(self._num_forget)
+        return (range(self._num_forget, self._num_images) if self.retain_prompts
+                else range(self._num_forget))
 
     def _grid_images(self) -> list[int]:
         """Row by row (a grid prompt each), the first ``grid_seeds`` seeds."""
@@ -266,33 +247,32 @@ class TextToImageEvaluation(EvaluationCallback):
                 for p in self.grid_prompts for s in range(self.grid_seeds)]
 
     # ---- setup: every check before any generation --------------------------------------------
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    @override
+    def _check_module(self, pl_module: pl.LightningModule) -> None:
         if not callable(getattr(pl_module, "pipeline", None)) or "pretrained" not in getattr(
                 pl_module, "hparams", {}):
             raise TypeError(f"TextToImageEvaluation needs a text-to-image module such as "
                             f"TextToImageVDUModule: its pipeline(original=...) makes the images "
                             f"and hparams.pretrained names the pipeline directory; "
                             f"{type(pl_module).__name__} lacks them")
-        refuse_sharded_weights(trainer, "TextToImageEvaluation")
+
+    @override
+    def _check_run(self, trainer: pl.Trainer) -> None:
         world = trainer.world_size
         for name, count in (("prompts", self._num_forget),
                             ("retain_prompts", len(self.retain_prompts) * self.images_per_prompt)):
             if 0 < count < world:
                 raise ValueError(f"{name} × images_per_prompt gives {count} images for "
                                  f"{world} processes: each needs at least one")
-        if self.dirpath is not None:
-            # On every rank, as every check here: a rank that raised alone would leave the
-            # others waiting in a collective.
-            check_directory_writable(self.dirpath, "TextToImageEvaluation dirpath")
-        self._resolve_dirpath(trainer)
-        if stage == "fit" and not self.during_fit:
-            return  # nothing to evaluate: spare fit the detector, CLIP and the reference
-        key = (id(pl_module), world, trainer.global_rank)
-        if key == self._cache_key:
-            return
-        self._cache_key, self._original = key, None
+
+    @override
+    def _load(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._detector = load_detector(self.detector, self.detector_args)
-        self._clip = load_clip(self.clip_model) if self.clip_model is not None else None
+        self._clip = None
+        if self.clip_model is not None:
+            # Every rank scores its share and the per-image scores are gathered before the
+            # means are taken: no syncing.
+            self._clip = PromptCLIPScore(*load_clip(self.clip_model), sync_on_compute=False)
         if self.reference_folder is not None:
             self._fid = self._build_fid(pl_module)
             self._reference = self._reference_images(tuple(pl_module.sample_shape), trainer)
@@ -302,14 +282,8 @@ class TextToImageEvaluation(EvaluationCallback):
         if self.inception_weights is not None:
             return UnlearnedFID(inception_weights=self.inception_weights, sampler=sampler,
                                 num_steps=self.num_inference_steps)
-        path = Path(self.fid_classifier)
-        if not path.is_dir():
-            raise FileNotFoundError(f"fid_classifier directory not found: {path} (expected a "
-                                    "directory written by ClassifierModule.save_pretrained)")
-        classifier = load_classifier(path).requires_grad_(False)
-        if classifier.in_channels != 3:
-            raise ValueError(f"the fid_classifier {path} takes {classifier.in_channels}"
-                             "-channel images but the pipeline makes RGB images")
+        classifier = self._load_classifier(self.fid_classifier, "fid_classifier", 3,
+                                           "the pipeline makes RGB images")
         return UnlearnedFID(classifier=classifier, sampler=sampler,
                             num_steps=self.num_inference_steps)
 
@@ -325,98 +299,39 @@ class TextToImageEvaluation(EvaluationCallback):
                              f"images; FID needs at least 2 (and one per process)")
         return folder, list(range(trainer.global_rank, len(folder), trainer.world_size))
 
-    # ---- what ---------------------------------------------------------------------------------
-    def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
-        """Generate, score, log and write; every rank must call it. Returns ``self.results``."""
-        device = pl_module.device
-        if isinstance(self._detector, nn.Module):
-            self._detector.to(device)
-        if self._clip is not None:
-            self._clip[0].to(device)
-        if self._original is None:
-            if self._fid is not None:
-                self._add_reference(device)
-            self._original = self._generate_and_score(trainer, pl_module, original=True)
-        unlearned = self._generate_and_score(trainer, pl_module, original=False)
-        original = self._original
-        present = {name: int((scores > self.threshold).sum()) for name, scores in
-                   (("original", original["detector"]), ("unlearned", unlearned["detector"]))}
-        metrics: dict[str, float] = {
-            "pul": float(percent_unlearned(present["original"], present["unlearned"])),
-            "n_original": float(present["original"]),
-            "n_unlearned": float(present["unlearned"]),
-        }
-        if self._clip is not None:
-            parts = {"forget": slice(0, self._num_forget)}
-            if self.retain_prompts:
-                parts["retain"] = slice(self._num_forget, None)
-            for part, where in parts.items():
-                for name, result in (("original", original), ("unlearned", unlearned)):
-                    metrics[f"clip_score/{part}/{name}"] = _mean_clip(result["clip"][where])
-        if self._fid is not None:
-            name, fid_original, fid_unlearned = self._fid.name, original["fid"], unlearned["fid"]
-            metrics[name] = fid_unlearned
-            metrics[f"original/{name}"] = fid_original
-            metrics["u_fid_ratio"] = (fid_unlearned / fid_original if fid_original > 0
-                                      else float("nan"))
-        for name, value in metrics.items():
-            pl_module.log(f"eval/{name}", value, sync_dist=False)  # the same on every rank
-        n = self.images_per_prompt
-        self.results = {
-            "step": trainer.global_step,
-            "stage": trainer.state.fn.value,
-            "metrics": metrics,
-            "prompts": self.prompts,
-            "retain_prompts": self.retain_prompts,
-            "images_per_prompt": n,
-            "seeds": list(range(n)),
-            "detector": self.detector,
-            "detector_args": self.detector_args,
-            "threshold": self.threshold,
-            # [prompt][seed]: whoever doubts a number can look at the scores behind it.
-            "detector_scores": {name: result["detector"].view(-1, n).tolist()
-                                for name, result in (("original", original),
-                                                     ("unlearned", unlearned))},
-            # [prompt][seed] over prompts then retain_prompts, before the mean and its clip.
-            "clip_scores": ({name: result["clip"].view(-1, n).tolist()
-                             for name, result in (("original", original),
-                                                  ("unlearned", unlearned))}
-                            if self._clip is not None else None),
-            "sampler": sampler_name(pl_module.hparams.pretrained),
-            "num_inference_steps": self.num_inference_steps,
-            "guidance_scale": self.guidance_scale,
-            "clip_model": self.clip_model,
-            "fid_name": self._fid.name if self._fid is not None else None,
-            "features": self._fid.feature_kind if self._fid is not None else None,
-            "reference_folder": self.reference_folder,
-            "num_reference": len(self._reference[0]) if self._fid is not None else None,
-        }
-        if trainer.is_global_zero:
-            self._write(trainer, original["grid"], unlearned["grid"])
-        return self.results
-
-    def _add_reference(self, device: torch.device) -> None:
-        # A fresh start: an earlier evaluation may have failed half-way through.
-        self._fid.to(device)
-        self._fid.reset_real_features = True
-        self._fid.reset()
-        self._fid.reset_real_features = False
+    def _reference_batches(self) -> Iterator[Tensor]:
+        """This rank's reference images, ``batch_size`` at a time."""
         folder, indices = self._reference
         for start in range(0, len(indices), self.batch_size):
             chunk = indices[start:start + self.batch_size]
-            images = torch.stack([folder.load_image(i) for i in chunk])
-            self._fid.update(images.to(device), real=True)
+            yield torch.stack([folder.load_image(i) for i in chunk])
+
+    # ---- what ---------------------------------------------------------------------------------
+    @override
+    def _to_device(self, device: torch.device) -> None:
+        if isinstance(self._detector, nn.Module):
+            self._detector.to(device)
+        if self._clip is not None:
+            self._clip.to(device)
+
+    @override
+    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                 original: bool) -> dict[str, Any]:
+        if original and self._fid is not None:
+            # The real statistics are made with the original's results (once per setup), and
+            # made anew if an evaluation failed before those were kept.
+            self._fill_reference(self._fid, self._reference_batches(), pl_module.device)
+        return self._generate_and_score(trainer, pl_module, original)
 
     def _generate_and_score(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                             original: bool) -> dict[str, Any]:
         """Detector and CLIP scores of every image, the FID, the grid images: this rank makes
-        images k ≡ rank (mod world) and the ranks' results are summed."""
+        images k ≡ rank (mod world) and the ranks' results are gathered."""
         device, world = pl_module.device, trainer.world_size
-        total = (len(self.prompts) + len(self.retain_prompts)) * self.images_per_prompt
-        mine = list(range(trainer.global_rank, total, world))
+        mine = list(range(trainer.global_rank, self._num_images, world))
         fid_images, grid_images = set(self._fid_images()), self._grid_images()
         detector = torch.zeros(self._num_forget, dtype=torch.float64)
-        clip = torch.zeros(total, dtype=torch.float64)
+        clip = torch.zeros(self._num_images, dtype=torch.float64)
         shape = tuple(pl_module.sample_shape)
         grid = torch.zeros(len(grid_images), *shape)
         if self._fid is not None:
@@ -439,7 +354,7 @@ class TextToImageEvaluation(EvaluationCallback):
                 if forget:
                     detector[[chunk[i] for i in forget]] = self._detect(images[forget])
                 if self._clip is not None:
-                    clip[chunk] = clip_scores(*self._clip, images, prompts)
+                    clip[chunk] = self._clip.image_scores(images, prompts)
                 for_fid = [i for i, k in enumerate(chunk) if k in fid_images]
                 if self._fid is not None and for_fid:
                     self._fid.update(images[for_fid] * 2 - 1, real=False)
@@ -453,9 +368,7 @@ class TextToImageEvaluation(EvaluationCallback):
         if self._fid is not None:
             fid = float(self._fid.compute())  # a collective: FID syncs its statistics
             self._fid.reset()  # the fake statistics only; the real ones are kept
-        # Each entry is non-zero on the one rank that made the image: the sum is every image's.
-        detector, clip, grid = (trainer.strategy.reduce(t.to(device), reduce_op="sum").cpu()
-                                for t in (detector, clip, grid))
+        detector, clip, grid = self._gather(trainer, device, detector, clip, grid)
         return {"detector": detector, "clip": clip, "fid": fid, "grid": grid}
 
     @torch.no_grad()
@@ -467,15 +380,69 @@ class TextToImageEvaluation(EvaluationCallback):
                              "one score per image, [B]")
         return scores.detach().double().cpu()
 
-    def _write(self, trainer: pl.Trainer, original: Tensor, unlearned: Tensor) -> None:
-        step = trainer.global_step
-        out = Path(self._out_dir)
-        self.write_results(out, step)
-        if len(original) == 0:
+    @override
+    def _compare(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                 original: dict[str, Any], unlearned: dict[str, Any]
+                 ) -> tuple[dict[str, float], dict[str, Any]]:
+        both = (("original", original), ("unlearned", unlearned))
+        present = {name: int((result["detector"] > self.threshold).sum())
+                   for name, result in both}
+        metrics: dict[str, float] = {
+            "pul": float(percent_unlearned(present["original"], present["unlearned"])),
+            "n_original": float(present["original"]),
+            "n_unlearned": float(present["unlearned"]),
+        }
+        if self._clip is not None:
+            parts = {"forget": slice(0, self._num_forget)}
+            if self.retain_prompts:
+                parts["retain"] = slice(self._num_forget, None)
+            for part, where in parts.items():
+                for name, result in both:
+                    metrics[f"clip_score/{part}/{name}"] = self._mean_clip(result["clip"][where])
+        if self._fid is not None:
+            metrics.update(u_fid_metrics(self._fid.name, original["fid"], unlearned["fid"]))
+        n = self.images_per_prompt
+        details = {
+            "prompts": self.prompts,
+            "retain_prompts": self.retain_prompts,
+            "images_per_prompt": n,
+            "seeds": list(range(n)),
+            "detector": self.detector,
+            "detector_args": self.detector_args,
+            "threshold": self.threshold,
+            # [prompt][seed]: whoever doubts a number can look at the scores behind it.
+            "detector_scores": {name: result["detector"].view(-1, n).tolist()
+                                for name, result in both},
+            # [prompt][seed] over prompts then retain_prompts, before the mean and its clip.
+            "clip_scores": ({name: result["clip"].view(-1, n).tolist() for name, result in both}
+                            if self._clip is not None else None),
+            "sampler": sampler_name(pl_module.hparams.pretrained),
+            "num_inference_steps": self.num_inference_steps,
+            "guidance_scale": self.guidance_scale,
+            "clip_model": self.clip_model,
+            "fid_name": self._fid.name if self._fid is not None else None,
+            "features": self._fid.feature_kind if self._fid is not None else None,
+            "reference_folder": self.reference_folder,
+            "num_reference": len(self._reference[0]) if self._fid is not None else None,
+        }
+        return metrics, details
+
+    def _mean_clip(self, scores: Tensor) -> float:
+        """``PromptCLIPScore`` of images already scored one by one (those of every rank)."""
+        self._clip.reset()
+        self._clip.update(scores=scores)
+        return float(self._clip.compute())
+
+    # ---- output ---------------------------------------------------------------------------
+    @override
+    def _write_pictures(self, trainer: pl.Trainer, out: Path, results: dict[str, Any],
+                        original: dict[str, Any], unlearned: dict[str, Any]) -> None:
+        """Original left, unlearned right: a row per grid prompt, a column per seed."""
+        if len(original["grid"]) == 0:
             return
-        # A row per grid prompt, a column per seed; image_grid takes [-1, 1].
+        # image_grid takes [-1, 1].
         self.write_side_by_side(
-            trainer, image_grid(original * 2 - 1, nrow=self.grid_seeds),
-            image_grid(unlearned * 2 - 1, nrow=self.grid_seeds), out,
+            trainer, image_grid(original["grid"] * 2 - 1, nrow=self.grid_seeds),
+            image_grid(unlearned["grid"] * 2 - 1, nrow=self.grid_seeds), out,
             f"left original, right unlearned; rows: {'; '.join(self.grid_prompts)}; "
-            f"seeds 0-{self.grid_seeds - 1}; step {step}")
+            f"seeds 0-{self.grid_seeds - 1}; step {trainer.global_step}")

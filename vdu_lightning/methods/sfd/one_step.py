@@ -14,7 +14,7 @@ from diffusers import DDPMScheduler, DiffusionPipeline, ImagePipelineOutput, UNe
 
 from vdu_lightning.diffusion import sample_shape
 from vdu_lightning.files import atomic_directory
-from vdu_lightning.score_distillation import x0_from_epsilon
+from vdu_lightning.methods.sfd.score_distillation import x0_from_epsilon
 
 if TYPE_CHECKING:
     from vdu_lightning.model_card import ExportCard

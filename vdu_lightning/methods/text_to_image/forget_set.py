@@ -27,9 +27,9 @@ from typing import Any, NamedTuple
 import torch
 from tqdm.auto import tqdm
 
-from vdu_lightning.data.folder import METADATA_FILE
+from vdu_lightning.data.folder import METADATA_FILE, json_lines
 from vdu_lightning.files import atomic_file, atomic_write_text, check_directory_writable
-from vdu_lightning.pipelines import check_pipeline_dir, load_pipeline
+from vdu_lightning.methods.text_to_image.pipelines import check_pipeline_dir, load_pipeline
 
 #: The file name of image ``i``; six digits sort correctly up to a million images.
 _FILE_NAME = re.compile(r"^(\d{6,})\.png$")
@@ -79,13 +79,7 @@ def _device(device: str) -> torch.device:
 def _read_rows(out: Path) -> list[dict[str, Any]]:
     path = out / METADATA_FILE
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}, line {number}: not valid JSON ({err.msg})") from err
+    for number, row in json_lines(path):
         if not isinstance(row, dict) or not _FILE_NAME.match(str(row.get("file_name"))):
             raise ValueError(f"{path}, line {number}: not a row written by vdu "
                              "generate-forget-set (file_name must be like 000000.png); use "

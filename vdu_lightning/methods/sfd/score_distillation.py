@@ -1,4 +1,4 @@
-"""The loss terms of Score Forgetting Distillation in plain torch (method.md §6).
+"""The loss terms of Score Forgetting Distillation in plain torch (docs/method.md §6).
 
 * ``x0_from_epsilon``: the x_0-prediction f(x_t, t) of an ε-predicting network;
 * ``fake_score_loss``: the fake-score network's denoising score matching on generator samples;

@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from typing_extensions import override
 
-from vdu_lightning.modules.vdu import VDUModule
+from vdu_lightning.methods.vdu.module import VDUModule
 from vdu_lightning.prior import ParameterPrior
 
 
@@ -15,7 +16,9 @@ class IsotropicAnchorModule(VDUModule):
 
     The ablation that asks whether the checkpoints' per-parameter variances matter: every
     weight is held with the same strength 1/σ². The prior (θ*, σ²) is made at the start of
-    fit from the weights being unlearned and travels in checkpoints like VDU's.
+    fit from the weights being unlearned and travels in checkpoints like VDU's. It is VDU
+    with another prior, so it stays a ``VDUModule``: every VDU option applies to it alike,
+    and an ablation compares like with like.
 
     Args:
         pretrained, gamma: as ``VDUModule``.
@@ -33,6 +36,7 @@ class IsotropicAnchorModule(VDUModule):
             raise ValueError(f"variance must be positive, got {variance!r}")
         super().__init__(pretrained, gamma=gamma, **kwargs)
 
+    @override
     def on_fit_start(self) -> None:
         if self.prior is None:  # a resumed run restored θ* from its checkpoint
             mean = {n: p.detach().float().clone() for n, p in self.unet.named_parameters()}
