@@ -22,6 +22,7 @@ _PUBLIC = {
     "RetainFinetuneModule": "vdu_lightning.methods.peers.retain",
     "SalUnModule": "vdu_lightning.methods.peers.salun",
     "SFDModule": "vdu_lightning.methods.sfd.module",
+    "TextToImageSFDModule": "vdu_lightning.methods.sfd.text_to_image",
     "TextToImageFinetuneModule": "vdu_lightning.methods.text_to_image.module",
     "TextToImageVDUModule": "vdu_lightning.methods.text_to_image.module",
     "ForgetSetDataModule": "vdu_lightning.data.datamodules",

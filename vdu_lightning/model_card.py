@@ -30,9 +30,14 @@ USAGE = {
     "StableDiffusionPipeline": "from diffusers import StableDiffusionPipeline\n\n"
                                "pipeline = StableDiffusionPipeline.from_pretrained({where!r})\n"
                                "image = pipeline(\"a photo\").images[0]",
-    "OneStepGeneratorPipeline": "from vdu_lightning.methods.sfd import OneStepGeneratorPipeline\n\n"
-                                "pipeline = OneStepGeneratorPipeline.from_pretrained({where!r})\n"
-                                "images = pipeline([0, 2, 3]).images  # one step per label",
+    "OneStepGeneratorPipeline":
+        "from vdu_lightning.methods.sfd import OneStepGeneratorPipeline\n\n"
+        "pipeline = OneStepGeneratorPipeline.from_pretrained({where!r})\n"
+        "images = pipeline([0, 2, 3]).images  # one step per label",
+    "OneStepTextToImagePipeline":
+        "from vdu_lightning.methods.sfd import OneStepTextToImagePipeline\n\n"
+        "pipeline = OneStepTextToImagePipeline.from_pretrained({where!r})\n"
+        "image = pipeline(\"a photo\").images[0]  # one step per prompt",
     "label-conditional": "import torch\nfrom vdu_lightning import DiffusionModule\n\n"
                          "model = DiffusionModule.from_pretrained({where!r})\n"
                          "images = model.sample(4, labels=torch.tensor([0, 1, 2, 3]))",
@@ -40,7 +45,8 @@ USAGE = {
 PIPELINE_TAGS = {"DDPMPipeline": "unconditional-image-generation",
                  "label-conditional": "unconditional-image-generation",
                  "StableDiffusionPipeline": "text-to-image",
-                 "OneStepGeneratorPipeline": "unconditional-image-generation"}
+                 "OneStepGeneratorPipeline": "unconditional-image-generation",
+                 "OneStepTextToImagePipeline": "text-to-image"}
 
 
 @dataclass

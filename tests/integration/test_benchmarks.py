@@ -44,3 +44,17 @@ def test_overhead_tiny_writes_every_section(tmp_path: Path) -> None:
     assert positive(fisher["fisher_s"]) and positive(fisher["vs_prior"])
     assert fisher["prior_k"] == 4
     assert fisher["unet_passes"] == fisher["samples"] * fisher["timesteps_per_sample"] > 0
+
+
+def test_the_sfd_step_benchmark_measures_a_tiny_pipeline(tmp_path: Path) -> None:
+    out = tmp_path / "sfd.json"
+    result = subprocess.run(
+        [sys.executable, "benchmarks/sfd_sd_step.py", "--tiny", "--device", "cpu", "--steps", "1",
+         "--precision", "fp32", "--pipeline", str(tmp_path / "sd"), "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 1 and "error" not in rows[0], rows
+    assert positive(rows[0]["iteration_s"]) and positive(rows[0]["peak_gib"])
+    assert rows[0]["unet_parameters"] < 1e6  # the tiny sizes, not SD 1.5's

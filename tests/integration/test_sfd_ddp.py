@@ -27,7 +27,7 @@ class SFDProbe(pl.Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, *args: Any) -> None:
         if self.labels is None:  # from a copy of the module's own stream
             generator = torch.Generator().set_state(pl_module.noise.generator.get_state())
-            self.labels = pl_module.draw_labels(generator)[0]
+            self.labels = pl_module.draw_conditions(generator)[0]
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
         record = {"labels": self.labels, "iteration": pl_module.iteration,

@@ -49,15 +49,15 @@ def test_forgotten_labels_meet_their_override_in_the_teacher_only(teacher: Path,
                                                                   tmp_path: Path) -> None:
     rng = torch.Generator().manual_seed(0)
     module = sfd(teacher, override="fixed", override_class=7, batch_size=200)
-    labels, forget = module.draw_labels(rng)
+    labels, forget = module.draw_conditions(rng)
     assert forget.any() and (~forget).any()
     assert torch.equal(forget, labels == 3)
     samples = torch.zeros(200, 1, 8, 8)
-    teacher_labels = module.teacher_labels(labels, forget, samples, rng)
+    teacher_labels = module.teacher_conditions(labels, forget, samples, rng)
     assert (teacher_labels[forget] == 7).all()
     assert torch.equal(teacher_labels[~forget], labels[~forget])
     random = sfd(teacher, override="random", batch_size=200)
-    teacher_labels = random.teacher_labels(labels, forget, samples, rng)
+    teacher_labels = random.teacher_conditions(labels, forget, samples, rng)
     assert not (teacher_labels[forget] == 3).any() and teacher_labels[forget].unique().numel() > 1
 
 
@@ -70,7 +70,7 @@ def test_the_classifier_override_is_the_likeliest_retained_label(teacher: Path,
     samples = torch.rand(40, 1, 8, 8) * 2 - 1
     labels = torch.tensor([3, 5] * 20)
     forget = labels == 3
-    teacher_labels = module.teacher_labels(labels, forget, samples, None)
+    teacher_labels = module.teacher_conditions(labels, forget, samples, None)
     with torch.no_grad():
         logits = classifier(samples)
     logits[:, 3] = -float("inf")  # the forgotten label is never an override
@@ -122,9 +122,9 @@ def test_each_group_counts_as_its_own_batch_and_the_forget_weight_warms_up(
 
 def test_without_forget_classes_it_is_plain_sid(teacher: Path) -> None:
     module = sfd(teacher, forget_classes=[], batch_size=50)
-    labels, forget = module.draw_labels(torch.Generator().manual_seed(0))
+    labels, forget = module.draw_conditions(torch.Generator().manual_seed(0))
     assert labels.unique().numel() == 10 and not forget.any()
-    assert torch.equal(module.teacher_labels(labels, forget, torch.zeros(50, 1, 8, 8), None),
+    assert torch.equal(module.teacher_conditions(labels, forget, torch.zeros(50, 1, 8, 8), None),
                        labels)
     assert (module.term_weights(forget) == 1.0).all()
 
