@@ -120,6 +120,8 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
     trainer.fit(module, datamodule=data)
     scores = evaluate(module, data, args.pretrained, args.classifiers, args.num_samples,
                       args.sample_steps)
+    if args.export:
+        module.save_pretrained(f"{args.export}/{args.run}_seed{args.seed}")
     if args.grids:
         save_before_after(module, args.classifiers[0], data.forget_classes[0],
                           args.sample_steps, f"{args.grids}/{args.run}_seed{args.seed}.png")
@@ -142,7 +144,7 @@ def launch(args: argparse.Namespace, method: str, seed: int) -> dict[str, Any]:
     for key in ("pretrained", "prior", "configs", "max_steps", "num_samples",
                 "sample_steps", "threads", "accelerator", "teacher", "distill_steps",
                 "num_per_label", "out", "model_overrides", "data_overrides",
-                "distill_overrides", "grids"):
+                "distill_overrides", "grids", "export"):
         command += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     command += ["--forget-classes", *map(str, args.forget_classes)]
     command += ["--classifiers", *args.classifiers]
@@ -306,6 +308,8 @@ def main() -> None:
     parser.add_argument("--grids", default="",
                         help="a folder for each peer run's captioned before/after grid (PNG)")
     parser.add_argument("--plot", default=None, help="the PUL-versus-u-FID scatter (PNG)")
+    parser.add_argument("--export", default="",
+                        help="a folder for each peer run's unlearned model (diffusers)")
     parser.add_argument("--run", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -1,7 +1,12 @@
-"""VDU on the foundation's mnist5k DDPM: forget one digit, then PUL and u-FID.
+"""VDU on the foundation's mnist5k DDPM: forget one digit (or several), then PUL and u-FID.
 
     python benchmarks/vdu_mnist5k.py --prior runs/mnist5k/prior_trajectory.safetensors \
         --gamma 0.9 --max-steps 400 --out runs/bench/trajectory.json
+
+Several digits at once: ``--forget-class 1 7``. One after the other: ``--export`` the first
+run's model, start the second from it (``--pretrained``) and compare with the true original
+(``--original``); ``--prior-mean start`` centres the prior on the model it starts from (the
+first run's result) instead of the original's weights (sequential.py runs both).
 
 Every option of ``VDUModule`` that shapes the forgetting has a flag (the plasticity residual,
 the hinge, the timestep band, the preconditioner, which parameters move, the target forget
@@ -30,7 +35,12 @@ from paired_evaluation import evaluate, save_before_after, save_forgotten_before
 
 from vdu_lightning import ForgetSetDataModule, VDUModule
 from vdu_lightning.callbacks import CheckpointPrior, UnlearningGuard
+from vdu_lightning.checkpoints import load_diffusion_model
 from vdu_lightning.files import atomic_write_text
+
+
+#: --prior-mean → CheckpointPrior's centre.
+CENTRES = {"checkpoints": "checkpoints", "start": "model"}
 
 
 def main() -> None:
@@ -39,7 +49,16 @@ def main() -> None:
     parser.add_argument("--classifiers", nargs="+",
                         default=["runs/mnist5k/classifier", "runs/mnist5k/classifier_lenet"])
     parser.add_argument("--prior", required=True)
-    parser.add_argument("--forget-class", type=int, default=1)
+    parser.add_argument("--forget-class", type=int, nargs="+", default=[1])
+    parser.add_argument("--original", default=None,
+                        help="the model the evaluation compares with (default: --pretrained)")
+    parser.add_argument("--prior-mean", default="checkpoints", choices=["checkpoints", "start"],
+                        help="the prior's mean: its checkpoints' (the original's), or the "
+                             "weights the run starts from, with the same variances")
+    parser.add_argument("--export", default=None, help="write the unlearned model here")
+    parser.add_argument("--evaluate-classes", type=int, nargs="+", default=None,
+                        help="the digits the evaluation counts as forgotten (default: "
+                             "--forget-class)")
     parser.add_argument("--seed", type=int, default=0, help="the run's noise and data order")
     parser.add_argument("--gamma", type=float, default=0.9)
     parser.add_argument("--lr", type=float, default=1e-4)
@@ -71,9 +90,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    original = args.original or args.pretrained
     pl.seed_everything(args.seed)
     data = ForgetSetDataModule(dataset="mnist5k", image_size=16, batch_size=args.batch_size,
-                               forget_classes=[args.forget_class], forget_size=500)
+                               forget_classes=args.forget_class, forget_size=500)
     module = VDUModule(args.pretrained, gamma=args.gamma, lr=args.lr, optimizer=args.optimizer,
                        timestep_weighting=args.timestep_weighting, residual=args.residual,
                        hinge_factor=args.hinge_factor, forget_timesteps=args.forget_timesteps,
@@ -85,21 +105,32 @@ def main() -> None:
                    "num_sanity_val_steps": 0})
     trainer = pl.Trainer(max_steps=args.max_steps, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=[CheckpointPrior(prior=args.prior, include=args.include),
+                         callbacks=[CheckpointPrior(prior=args.prior, include=args.include,
+                                                    centre=CENTRES[args.prior_mean]),
                                     UnlearningGuard()], **validation)
     start = time.perf_counter()
     trainer.fit(module, datamodule=data)
     fit_seconds = time.perf_counter() - start
 
+    if original != args.pretrained:
+        # Compare with the model before any unlearning, not with the one this run started from.
+        module.frozen.add("original", load_diffusion_model(original)[0])
     start = time.perf_counter()
-    scores = evaluate(module, data, args.pretrained, args.classifiers, args.num_samples,
+    evaluated = data if args.evaluate_classes is None else ForgetSetDataModule(
+        dataset="mnist5k", image_size=16, batch_size=args.batch_size,
+        forget_classes=args.evaluate_classes, forget_size=500)
+    if evaluated is not data:
+        evaluated.setup("fit")
+    scores = evaluate(module, evaluated, original, args.classifiers, args.num_samples,
                       args.sample_steps)
+    if args.export:
+        module.save_pretrained(args.export)
     evaluation_seconds = time.perf_counter() - start
     if args.grid:
-        save_before_after(module, args.classifiers[0], args.forget_class, args.sample_steps,
+        save_before_after(module, args.classifiers[0], args.forget_class[0], args.sample_steps,
                           args.grid)
     forgotten_seeds = None if not args.grid_forgotten else save_forgotten_before_after(
-        module, data, args.pretrained, args.classifiers[0], args.sample_steps,
+        module, data, original, args.classifiers[0], args.sample_steps,
         args.num_samples, args.grid_forgotten)
     result = {
         "args": vars(args), "fit_seconds": round(fit_seconds, 1),

@@ -317,6 +317,11 @@ def main(args: list[str] | None = None) -> None:
 
         demo_command(argv[1:])
         return
+    if argv[:1] == ["relearn"]:
+        from vdu_lightning.relearn import relearn_command
+
+        relearn_command(argv[1:])
+        return
     if argv[:1] == ["generate-forget-set"]:
         # Like the demo: the module is imported only when its command is run.
         from vdu_lightning.methods.text_to_image.forget_set import generate_forget_set_command

@@ -271,6 +271,22 @@ class ParameterPrior:
                               self.count, self.source, self.min_var, floored,
                               {n: self.dtypes[n] for n in names})
 
+    def recentred(self, weights: Mapping[str, torch.Tensor]) -> "ParameterPrior":
+        """The same variances around ``weights`` (a model's named parameters): to forget again
+        from an unlearned model, anchoring the stability term at what it has become rather
+        than at the original.
+
+        Example:
+            >>> prior = ParameterPrior({"w": torch.zeros(2)}, {"w": torch.ones(2)}, 2,
+            ...                        "trajectory")
+            >>> prior.recentred({"w": torch.tensor([1.0, 2.0])}).mean["w"].tolist()
+            [1.0, 2.0]
+        """
+        self.check_matches(weights.items(), "the weights to centre on")
+        return ParameterPrior({n: weights[n].detach().float().clone() for n in self.names},
+                              self.var, self.count, self.source, self.min_var,
+                              self.num_floored, self.dtypes)
+
     @classmethod
     def from_checkpoints(
         cls,

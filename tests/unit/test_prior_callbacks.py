@@ -185,6 +185,37 @@ def test_include_keeps_part_of_a_prior_file_and_only_that_part_moves(
         whole.restricted(["nothing.*"])
 
 
+def test_a_prior_centred_on_the_model_keeps_its_variances_around_the_starting_weights(
+    tmp_path: Path, tiny_unet_config: dict
+) -> None:
+    torch.manual_seed(0)
+    DiffusionModule(unet=tiny_unet_config).save_pretrained(tmp_path / "model")
+    module = VDUModule(str(tmp_path / "model"), lr=1e-3)
+    start = {n: p.detach().clone() for n, p in module.unet.named_parameters()}
+    # The file's mean is elsewhere (as the original's is for an already unlearned model).
+    snapshots = [{n: p + 0.5 + 1e-2 * torch.randn_like(p) for n, p in start.items()}
+                 for _ in range(3)]
+    whole = ParameterPrior.from_tensors(snapshots, "trajectory")
+    whole.save(tmp_path / "whole.safetensors")
+    callback = CheckpointPrior(prior=str(tmp_path / "whole.safetensors"), centre="model")
+    trainer = pl.Trainer(accelerator="cpu", max_steps=1, logger=False, limit_val_batches=0,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         callbacks=[callback])
+    trainer.fit(module, datamodule=ImageDataModule(dataset="digits", batch_size=8))
+    for name in whole.names:
+        assert torch.equal(module.prior.mean[name], start[name])
+        assert torch.equal(module.prior.var[name], whole.var[name])
+    # After a step from the centre the pull is small; around the file's mean, the same
+    # weights are pulled by the whole offset.
+    centred = float(module.stability_loss())
+    module.set_prior(whole)
+    assert float(module.stability_loss()) > 100 * centred
+    with pytest.raises(ValueError, match="centre must be one of"):
+        CheckpointPrior(prior=str(tmp_path / "whole.safetensors"), centre="elsewhere")
+    with pytest.raises(ValueError, match="the weights to centre on"):
+        whole.recentred({"nothing": torch.zeros(1)})
+
+
 def test_checkpoint_prior_needs_exactly_one_source() -> None:
     with pytest.raises(ValueError, match="exactly one of"):
         CheckpointPrior()

@@ -175,6 +175,10 @@ class PriorSnapshot(pl.Callback):
         self._start_weights = state_dict["start_weights"]
 
 
+#: Where the prior is centred: its checkpoints' mean, or the weights the run starts from.
+PRIOR_CENTRES = ("checkpoints", "model")
+
+
 class CheckpointPrior(pl.Callback):
     """Give an unlearning module its prior when fit starts: built from K checkpoints, or
     loaded from a prior file.
@@ -200,6 +204,9 @@ class CheckpointPrior(pl.Callback):
         min_var: the variance floor (checkpoints only).
         weights: ``ema`` or ``raw`` weights of ``DiffusionModule`` checkpoints.
         save_to: also write the built prior here (global rank 0), to reuse it.
+        centre: ``checkpoints`` (the prior's own mean) or ``model``: the same variances
+            around the weights the run starts from (``ParameterPrior.recentred``), to forget
+            again from an already unlearned model without pulling it back to the original.
 
     Example (YAML)::
 
@@ -218,6 +225,7 @@ class CheckpointPrior(pl.Callback):
         min_var: float = DEFAULT_MIN_VAR,
         weights: str = "ema",
         save_to: str | None = None,
+        centre: str = "checkpoints",
     ) -> None:
         if (checkpoints is None) == (prior is None):
             raise ValueError("CheckpointPrior needs exactly one of `checkpoints` (K files or "
@@ -225,10 +233,11 @@ class CheckpointPrior(pl.Callback):
         check_choice("source", source, CHECKPOINT_SOURCES)
         check_choice("weights", weights, list(WEIGHT_PREFIXES))
         check_min_var(min_var, "CheckpointPrior min_var")
+        check_choice("centre", centre, PRIOR_CENTRES)
         self.checkpoints = list(checkpoints) if checkpoints is not None else None
         self.prior_path = prior
         self.source, self.include, self.min_var = source, include, min_var
-        self.weights, self.save_to = weights, save_to
+        self.weights, self.save_to, self.centre = weights, save_to, centre
         self.resuming = False
 
     def build(self) -> ParameterPrior:
@@ -251,6 +260,8 @@ class CheckpointPrior(pl.Callback):
         if self.save_to is not None:
             check_file_writable(self.save_to, "CheckpointPrior save_to")
         prior = self.build()
+        if self.centre == "model":
+            prior = prior.recentred(dict(pl_module.unet.named_parameters()))
         pl_module.set_prior(prior)
         rank_zero_info(prior.describe())
         if self.save_to is not None and trainer.is_global_zero:
