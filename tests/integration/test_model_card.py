@@ -16,10 +16,15 @@ from conftest import TINY_UNET
 from evaluation_helpers import tiny_classifier
 from hub_cache import add_to_hub_cache
 from tiny_sd import save_tiny_sd
-from vdu_lightning import DiffusionModule, ForgetSetDataModule, ParameterPrior, VDUModule
+from vdu_lightning import (
+    DiffusionModule,
+    ForgetSetDataModule,
+    ParameterPrior,
+    TextToImageVDUModule,
+    VDUModule,
+)
 from vdu_lightning.callbacks import ExportPretrained, UnlearningEvaluation
 from vdu_lightning.model_card import PICTURE
-from vdu_lightning.modules import TextToImageVDUModule
 
 
 def _pretrained(path: Path) -> Path:

@@ -51,7 +51,7 @@ def test_the_selectivity_benchmark_runs_settings_resumes_and_reports(
     assert files == ["method_c1_s0.json", "method_c3_s0.json",
                      "prior-sgd-5e-2-hinge2_c1_s0.json", "prior-sgd-5e-2-hinge2_c3_s0.json"]
     run = json.loads((out / "prior-sgd-5e-2-hinge2_c3_s0.json").read_text())
-    assert run["steps"] == 2 and run["args"]["forget_class"] == 3
+    assert run["steps"] == 2 and run["args"]["forget_class"] == [3]
     assert run["args"]["preconditioner"] == "prior" and run["args"]["hinge_factor"] == 2.0
     assert run["args"]["optimizer"] == "sgd" and run["args"]["lr"] == 5e-2
     assert sum(run["histogram_unlearned"]) == 8
@@ -59,11 +59,12 @@ def test_the_selectivity_benchmark_runs_settings_resumes_and_reports(
     # (none, when the original drew no such digit)
     for path in out.glob("*.json"):
         drawn = json.loads(path.read_text())
-        forgotten = drawn["histogram_original"][drawn["args"]["forget_class"]]
+        digit, = drawn["args"]["forget_class"]
+        forgotten = drawn["histogram_original"][digit]
         assert drawn["forgotten_grid_seeds"] == min(forgotten, 24)
         assert (tmp_path / "grids" / f"{path.stem}.png").is_file()
         assert (tmp_path / "grids" / f"{path.stem}_forgotten.png").is_file() == (forgotten > 0)
-        assert forgotten == (8 if drawn["args"]["forget_class"] == 1 else 0)
+        assert forgotten == (8 if digit == 1 else 0)
 
     # A second call finds every run done: nothing is run again.
     stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("*.json")}

@@ -162,21 +162,34 @@ def test_checkpoint_prior_builds_from_checkpoints_like_the_library_and_can_save_
     assert all(n.startswith("down_") for n in module.prior.names)
 
 
-def test_include_keeps_part_of_a_prior_file_and_only_that_part_moves(
-    tmp_path: Path, tiny_unet_config: dict
-) -> None:
+def module_and_prior_file(tmp_path: Path, unet: dict, offset: float = 0.0
+                          ) -> tuple[VDUModule, dict[str, torch.Tensor], ParameterPrior]:
+    """A VDU module, its starting weights, and a trajectory prior (saved as
+    ``whole.safetensors``) of three snapshots around them, shifted by ``offset``."""
     torch.manual_seed(0)
-    DiffusionModule(unet=tiny_unet_config).save_pretrained(tmp_path / "model")
+    DiffusionModule(unet=unet).save_pretrained(tmp_path / "model")
     module = VDUModule(str(tmp_path / "model"), lr=1e-3)
     start = {n: p.detach().clone() for n, p in module.unet.named_parameters()}
-    snapshots = [{n: p + 1e-2 * torch.randn_like(p) for n, p in start.items()} for _ in range(3)]
+    snapshots = [{n: p + offset + 1e-2 * torch.randn_like(p) for n, p in start.items()}
+                 for _ in range(3)]
     whole = ParameterPrior.from_tensors(snapshots, "trajectory")
     whole.save(tmp_path / "whole.safetensors")
-    callback = CheckpointPrior(prior=str(tmp_path / "whole.safetensors"), include=["up_*"])
-    trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, limit_val_batches=0,
+    return module, start, whole
+
+
+def fit_with(module: VDUModule, callback: CheckpointPrior, steps: int) -> None:
+    trainer = pl.Trainer(accelerator="cpu", max_steps=steps, logger=False, limit_val_batches=0,
                          enable_checkpointing=False, enable_progress_bar=False,
                          callbacks=[callback])
     trainer.fit(module, datamodule=ImageDataModule(dataset="digits", batch_size=8))
+
+
+def test_include_keeps_part_of_a_prior_file_and_only_that_part_moves(
+    tmp_path: Path, tiny_unet_config: dict
+) -> None:
+    module, start, whole = module_and_prior_file(tmp_path, tiny_unet_config)
+    fit_with(module, CheckpointPrior(prior=str(tmp_path / "whole.safetensors"),
+                                     include=["up_*"]), 2)
     assert module.prior.names == [n for n in whole.names if n.startswith("up_")]
     assert module.prior.numel < whole.numel
     for name, parameter in module.unet.named_parameters():
@@ -188,20 +201,10 @@ def test_include_keeps_part_of_a_prior_file_and_only_that_part_moves(
 def test_a_prior_centred_on_the_model_keeps_its_variances_around_the_starting_weights(
     tmp_path: Path, tiny_unet_config: dict
 ) -> None:
-    torch.manual_seed(0)
-    DiffusionModule(unet=tiny_unet_config).save_pretrained(tmp_path / "model")
-    module = VDUModule(str(tmp_path / "model"), lr=1e-3)
-    start = {n: p.detach().clone() for n, p in module.unet.named_parameters()}
     # The file's mean is elsewhere (as the original's is for an already unlearned model).
-    snapshots = [{n: p + 0.5 + 1e-2 * torch.randn_like(p) for n, p in start.items()}
-                 for _ in range(3)]
-    whole = ParameterPrior.from_tensors(snapshots, "trajectory")
-    whole.save(tmp_path / "whole.safetensors")
-    callback = CheckpointPrior(prior=str(tmp_path / "whole.safetensors"), centre="model")
-    trainer = pl.Trainer(accelerator="cpu", max_steps=1, logger=False, limit_val_batches=0,
-                         enable_checkpointing=False, enable_progress_bar=False,
-                         callbacks=[callback])
-    trainer.fit(module, datamodule=ImageDataModule(dataset="digits", batch_size=8))
+    module, start, whole = module_and_prior_file(tmp_path, tiny_unet_config, offset=0.5)
+    fit_with(module, CheckpointPrior(prior=str(tmp_path / "whole.safetensors"),
+                                     centre="model"), 1)
     for name in whole.names:
         assert torch.equal(module.prior.mean[name], start[name])
         assert torch.equal(module.prior.var[name], whole.var[name])
