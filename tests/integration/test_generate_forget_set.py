@@ -15,7 +15,7 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 from tiny_sd import IMAGE_SIZE, save_tiny_sd
-from vdu_lightning import forget_set
+from vdu_lightning.methods.text_to_image import forget_set
 from vdu_lightning.cli import main
 from vdu_lightning.data.folder import CaptionedImageFolder
 from vdu_lightning.methods.text_to_image.pipelines import load_pipeline
